@@ -1,0 +1,32 @@
+# The two README commands. Each sets up .venv on a fresh machine: torch first and pinned
+# (an unpinned torch pulls gigabytes of CUDA packages), then cadence with its extras.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+TORCH   := torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+.venv/.demo-ready: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check $(TORCH)
+	$(PIP) install -q --disable-pip-version-check -e ".[demo]"
+	touch $@
+
+.venv/.dev-ready: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check $(TORCH)
+	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+demo: .venv/.demo-ready
+	$(PY) -m cadence fit
+
+test: .venv/.dev-ready
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m pytest
+
+bench: .venv/.dev-ready
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf .venv runs

@@ -1,0 +1,1 @@
+"""Data: the order contract, loading, validation splits."""

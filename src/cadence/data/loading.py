@@ -1,0 +1,211 @@
+"""Turn whatever ``train_data`` is into a stream of optimizer steps, each a list of micro-batches.
+
+Three kinds of data, one interface (:class:`StepStream`):
+
+- **in memory** (a tensor, a tuple/list/dict of tensors, a ``TensorDataset``): micro-batches are made by
+  indexing the tensors with the order contract's index slices; no ``__getitem__`` per item, no collation;
+- **map-style dataset**: a ``DataLoader`` driven by a batch sampler that follows the order contract and can
+  start at any ``(epoch, step)`` (so resuming costs no replay);
+- **a ``DataLoader`` or iterable passed in**: used as is, ``grad_accum`` consecutive batches per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
+
+from ..errors import bad
+from .order import DataOrder
+
+_END = object()
+
+
+class InMemory:
+    """Tensors sharing their first dimension, batched by indexing: ``kind`` says how a batch is shaped."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], kind: str, keys: Sequence[str] = ()) -> None:
+        self.tensors = list(tensors)
+        self.kind = kind  # "tensor", "tuple" or "dict"
+        self.keys = list(keys)
+        n = {len(t) for t in self.tensors}
+        if len(n) != 1:
+            raise bad("train_data", f"tensors of lengths {sorted(n)}",
+                      "in-memory data must be tensors that share their first dimension.")
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def take(self, index: torch.Tensor) -> Any:
+        if self.kind == "tensor":
+            return self.tensors[0][index]
+        picked = [t[index] for t in self.tensors]
+        return dict(zip(self.keys, picked)) if self.kind == "dict" else tuple(picked)
+
+    def __getitem__(self, i: int) -> Any:  # item view, used by split_by and balance_by
+        return self.take(i)
+
+    def subset(self, index: torch.Tensor) -> InMemory:
+        return InMemory([t[index] for t in self.tensors], self.kind, self.keys)
+
+
+def as_in_memory(data: Any) -> InMemory | None:
+    """``data`` as an :class:`InMemory` view when it is tensors, else ``None``."""
+    if isinstance(data, InMemory):
+        return data
+    if isinstance(data, torch.Tensor):
+        return InMemory([data], "tensor")
+    if isinstance(data, TensorDataset):
+        return InMemory(data.tensors, "tuple")
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return InMemory(data, "tuple")
+    if isinstance(data, Mapping) and data and all(isinstance(t, torch.Tensor) for t in data.values()):
+        return InMemory(list(data.values()), "dict", list(data.keys()))
+    return None
+
+
+def is_map_style(data: Any) -> bool:
+    return (isinstance(data, Dataset) and not isinstance(data, IterableDataset)
+            and hasattr(data, "__len__")) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
+                                              and not isinstance(data, (str, bytes, Mapping, DataLoader)))
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of items in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            return batch_size_of(v)
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        return batch_size_of(first) if isinstance(first, (torch.Tensor, Mapping, tuple, list)) else len(batch)
+    return 1
+
+
+class _OrderSampler:
+    """Yields this rank's micro-batch index lists for one epoch, from a chosen step on."""
+
+    def __init__(self, order: DataOrder) -> None:
+        self.order = order
+        self.epoch = 0
+        self.start = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = self.order.permutation(self.epoch).numpy()
+        for i in range(self.start, self.order.steps_per_epoch):
+            for mb in self.order.micro_batches(torch.from_numpy(perm), i):
+                yield mb.numpy().tolist()
+
+    def __len__(self) -> int:
+        return (self.order.steps_per_epoch - self.start) * self.order.grad_accum
+
+
+class StepStream:
+    """Optimizer steps as lists of micro-batches, with the position ``(epoch, step_in_epoch)``.
+
+    ``epoch_iter(epoch, start_step)`` yields the micro-batches of one epoch from ``start_step`` on; every
+    step has ``grad_accum`` of them except possibly the epoch's last, which takes what is left.
+    """
+
+    def __init__(self, epoch_iter: Callable[[int, int], Iterator[Any]], grad_accum: int,
+                 steps_per_epoch: int | None, exact_position: bool) -> None:
+        self._epoch_iter = epoch_iter
+        self.grad_accum = grad_accum
+        self.steps_per_epoch = steps_per_epoch
+        self.exact_position = exact_position  # False: a loader passed in; resuming replays batches
+        self.epoch = 0
+        self.position = 0
+        self.end_of_epoch = False
+        self._it: Iterator[Any] | None = None
+        self._next: Any = _END
+
+    def _open(self) -> None:
+        start = self.position if self.exact_position else 0
+        self._it = self._epoch_iter(self.epoch, start)
+        self._next = next(self._it, _END)
+        if not self.exact_position:  # replay: skip the micro-batches already consumed
+            for _ in range(self.position * self.grad_accum):
+                self._next = next(self._it, _END)
+        if self._next is _END and self.position == 0:
+            raise bad("train_data", "an epoch with no batches",
+                      "the training data yielded nothing; check the dataset is not empty.")
+
+    def next_step(self) -> list[Any]:
+        """The next step's micro-batches (moving to a new epoch first if the last one ended)."""
+        if self.end_of_epoch:
+            self.epoch += 1
+            self.position = 0
+            self.end_of_epoch = False
+            self._it = None
+        if self._it is None:
+            self._open()
+        micro = []
+        while len(micro) < self.grad_accum and self._next is not _END:
+            micro.append(self._next)
+            self._next = next(self._it, _END)
+        self.position += 1
+        self.end_of_epoch = self._next is _END or self.position == self.steps_per_epoch
+        return micro
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "end_of_epoch": int(self.end_of_epoch)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.end_of_epoch = bool(state.get("end_of_epoch", 0))
+        self._it = None
+
+    def close(self) -> None:
+        self._it = None
+
+
+def stream_in_memory(data: InMemory, order: DataOrder) -> StepStream:
+    def epoch_iter(epoch: int, start: int) -> Iterator[Any]:
+        perm = order.permutation(epoch)
+        for i in range(start, order.steps_per_epoch):
+            for mb in order.micro_batches(perm, i):
+                yield data.take(mb)
+
+    return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True)
+
+
+def stream_map_style(data: Dataset, order: DataOrder, collate_fn: Callable | None, num_workers: int,
+                     pin_memory: bool) -> StepStream:
+    sampler = _OrderSampler(order)
+    # A private generator keeps the loader from drawing its worker base seed from the global RNG, so the
+    # model's random stream (dropout) is the same whether or not a run was resumed.
+    generator = torch.Generator()
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate_fn or default_collate,
+                        num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+                        persistent_workers=num_workers > 0)
+
+    def epoch_iter(epoch: int, start: int) -> Iterator[Any]:
+        sampler.epoch, sampler.start = epoch, start
+        generator.manual_seed(order.seed * 100_003 + epoch)
+        return iter(loader)
+
+    return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True)
+
+
+def stream_loader(loader: Iterable, grad_accum: int) -> StepStream:
+    try:
+        steps = -(-len(loader) // grad_accum)  # type: ignore[arg-type]
+    except TypeError:
+        steps = None
+    return StepStream(lambda epoch, start: iter(loader), grad_accum, steps, exact_position=False)
+
+
+def eval_batches(data: Any, batch_size: int, collate_fn: Callable | None, num_workers: int,
+                 pin_memory: bool) -> Iterable[Any]:
+    """Validation batches in dataset order."""
+    mem = as_in_memory(data)
+    if mem is not None:
+        idx = torch.arange(len(mem))
+        return (mem.take(idx[i:i + batch_size]) for i in range(0, len(mem), batch_size))
+    if isinstance(data, DataLoader) or not is_map_style(data):
+        return data
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate,
+                      num_workers=num_workers, pin_memory=pin_memory)

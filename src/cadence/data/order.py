@@ -1,0 +1,60 @@
+"""The data order contract: which items every optimizer step of every rank sees.
+
+For a map-style dataset of length ``N``:
+
+- epoch ``e`` visits ``torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))``
+  (``range(N)`` when shuffling is off);
+- optimizer step ``i`` of the epoch takes the global batch ``perm[i * G:(i + 1) * G]`` with
+  ``G = batch_size * grad_accum * world_size``; the last, partial global batch is kept unless ``drop_last``;
+- rank ``r`` takes piece ``r`` of ``torch.tensor_split(global_batch, world_size)``, and its micro-batch
+  ``m`` is piece ``m`` of ``torch.tensor_split(rank_piece, grad_accum)`` (empty pieces of a short last
+  batch are skipped).
+
+The position in the data is therefore just ``(epoch, step_in_epoch)``: resuming needs no replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    length: int
+    batch_size: int
+    grad_accum: int = 1
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.length, self.global_batch)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.length)
+        return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def global_indices(self, perm: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
+        start = step_in_epoch * self.global_batch
+        return perm[start:start + self.global_batch]
+
+    def micro_batches(self, perm: torch.Tensor, step_in_epoch: int) -> list[torch.Tensor]:
+        """This rank's micro-batch index tensors for one optimizer step (views into ``perm``)."""
+        batch = self.global_indices(perm, step_in_epoch)
+        if len(batch) == self.global_batch:  # the common case: equal slices, no splitting calls
+            b = self.batch_size
+            base = self.rank * self.grad_accum * b
+            return [batch[base + m * b: base + (m + 1) * b] for m in range(self.grad_accum)]
+        mine = torch.tensor_split(batch, self.world_size)[self.rank]
+        return [mb for mb in torch.tensor_split(mine, self.grad_accum) if len(mb)]

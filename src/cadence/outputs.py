@@ -1,0 +1,81 @@
+"""Call the model on a batch, and read what it returns as ``(loss, parts, num_items)``.
+
+Batches are routed by shape: a tuple or list is unpacked as positional arguments, a dict as keyword
+arguments, a tensor is passed alone; ``forward(model, batch)`` overrides this. The model may return a scalar
+loss, ``(loss, parts)`` with ``parts`` a dict of scalars, or a dict with ``"loss"`` whose other scalar
+entries are parts. A dict with ``"num_items"`` declares ``"loss"`` a sum over that many items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import bad
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+class Output(NamedTuple):
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    num_items: torch.Tensor | int | None
+
+
+def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
+    """Run the model on ``batch``: ``forward`` if given, else routed by the batch's type."""
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    raise bad("batch", type(batch).__name__,
+              "cadence routes tuples/lists to model(*batch), dicts to model(**batch) and tensors to "
+              "model(batch); for anything else pass forward=callable(model, batch) -> output.")
+
+
+def _scalar(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise bad(f"model output part {name!r}", shape,
+                  "every part must be a scalar (a 0-dim tensor or a number); reduce it, e.g. with .mean().")
+    return value.detach().reshape(())
+
+
+def read_output(out: Any, training: bool) -> Output:
+    """Split a model's return value into loss, parts and the optional item count."""
+    parts: dict[str, torch.Tensor] = {}
+    num_items = None
+    if isinstance(out, torch.Tensor):
+        loss = out
+    elif isinstance(out, Mapping):
+        if "loss" not in out:
+            raise bad("model output", f"dict with keys {sorted(out)}",
+                      "a dict returned by the model must hold the total loss under 'loss'.")
+        loss = out["loss"]
+        num_items = out.get("num_items")
+        parts = {k: _scalar(k, v) for k, v in out.items() if k not in ("loss", "num_items")}
+    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], Mapping):
+        loss = out[0]
+        parts = {k: _scalar(k, v) for k, v in out[1].items()}
+    else:
+        raise bad("model output", type(out).__name__,
+                  "return a scalar loss tensor, (loss, parts_dict), or a dict with a 'loss' entry.")
+    if not isinstance(loss, torch.Tensor):
+        raise bad("model output loss", type(loss).__name__, "the loss must be a tensor computed from the model.")
+    if loss.ndim != 0:
+        raise bad("model output loss", f"a tensor of shape {tuple(loss.shape)}",
+                  "the loss must be a scalar; reduce it, e.g. loss.mean() (or return a sum with 'num_items').")
+    if training and not loss.requires_grad:
+        raise bad("model output loss", "a tensor with no grad",
+                  "it is not connected to any trainable parameter; compute it from the model's outputs and "
+                  "don't detach it or run under torch.no_grad().")
+    return Output(loss, parts, num_items)

@@ -1,0 +1,85 @@
+"""The training step: one optimizer step over a list of micro-batches, read top to bottom.
+
+Each micro-batch's loss is weighted by its share of the step's items, so ``grad_accum`` micro-batches give
+the gradient of the mean over the whole step (a short last batch included). When the model reports
+``num_items``, its loss is a sum: the gradients are divided by the step's total items once all micro-batches
+are in. Nothing here reads a device value: the returned loss and parts stay on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.loading import batch_size_of
+from .outputs import Forward, call_model, read_output
+from .precision import Precision
+
+
+@dataclass
+class StepParts:
+    """Everything the step touches, built once by the trainer."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    params: list[torch.Tensor]
+    max_grad_norm: float | None
+    forward: Forward | None
+    move: Callable[[Any], Any]
+
+
+def train_step(p: StepParts, micro_batches: Sequence[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                     torch.Tensor | None, int]:
+    """Forward, backward, clip and step; returns ``(loss, parts, grad_norm, samples)``.
+
+    ``loss``, ``parts`` and ``grad_norm`` stay on the device; ``samples`` is the step's number of samples.
+    """
+    sizes = [batch_size_of(b) for b in micro_batches]
+    n_step = sum(sizes)
+    scaler = p.precision.scaler
+    loss_sum: torch.Tensor | None = None
+    parts_sum: dict[str, torch.Tensor] = {}
+    item_total: Any = 0
+    counted = False  # True when the model reports num_items (a summed loss)
+
+    for batch, n in zip(micro_batches, sizes):
+        with p.precision.autocast():
+            out = read_output(call_model(p.model, p.move(batch), p.forward), training=True)
+        if out.num_items is not None:
+            counted, weight, loss = True, out.num_items, out.loss
+            item_total = item_total + out.num_items
+        else:
+            weight = n / n_step
+            loss = out.loss if weight == 1 else out.loss * weight
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        loss = loss.detach()
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        for name, value in out.parts.items():
+            value = value if weight == 1 else value * weight
+            parts_sum[name] = value if name not in parts_sum else parts_sum[name] + value
+
+    if counted:  # the losses were sums: turn the summed gradient into the gradient of the step's mean
+        total = torch.as_tensor(item_total, dtype=torch.float32, device=loss_sum.device)
+        grads = [q.grad for q in p.params if q.grad is not None]
+        torch._foreach_div_(grads, total.to(grads[0].dtype) if grads else total)
+        loss_sum = loss_sum / total
+        parts_sum = {k: v / total for k, v in parts_sum.items()}
+
+    if scaler is not None:
+        scaler.unscale_(p.optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = None
+    if p.max_grad_norm is not None:
+        grad_norm = nn.utils.clip_grad_norm_(p.params, p.max_grad_norm)
+    if scaler is not None:
+        scaler.step(p.optimizer)  # skipped when the gradients hold an inf or nan
+        scaler.update()
+    else:
+        p.optimizer.step()
+    p.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, parts_sum, grad_norm, n_step

@@ -1,0 +1,369 @@
+"""The ``Trainer``: checks its arguments, builds the parts, and runs the outer loop.
+
+The outer loop reads like a hand-written one: take the next step's micro-batches, set the learning rate,
+run :func:`~cadence.step.train_step`, then, at their points, log, validate and save. The step itself never
+calls loggers, callbacks or checkpoints.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import callbacks as cbs
+from .arguments import check_basic, resolve_device
+from .data.loading import (
+    InMemory,
+    StepStream,
+    as_in_memory,
+    batch_size_of,
+    eval_batches,
+    is_map_style,
+    stream_in_memory,
+    stream_loader,
+    stream_map_style,
+)
+from .data.order import DataOrder
+from .data.split import split
+from .errors import bad
+from .history import History, Metrics
+from .loggers.jsonl import JsonlLogger
+from .metrics import RunningMeans, read_scalars
+from .optim import OptimizerSpec, build_optimizer
+from .outputs import Forward, call_model, read_output
+from .precision import Precision
+from .progress import Progress
+from .schedule import Schedule
+from .step import StepParts, train_step
+from .weights import save_weights
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final")
+
+
+class Trainer:
+    """Train ``model`` on ``train_data``; see the README and ``docs/trainer.md`` for every argument."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Any,
+        *,
+        val_data: Any = None,
+        batch_size: int = 32,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+        optimizer: OptimizerSpec = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        warmup_start_lr: float = 0.0,
+        schedule: str | Callable[[int], float] = "constant",
+        min_lr: float = 0.0,
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        grad_accum: int = 1,
+        max_grad_norm: float | None = None,
+        precision: str = "32",
+        val_every: int | None = None,
+        valid_frac: float | None = None,
+        split_by: Callable[[Any], Hashable] | None = None,
+        split_seed: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        num_workers: int = 0,
+        drop_last: bool = False,
+        shuffle: bool = True,
+        log_every: int = 50,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        run_dir: str | Path | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        checkpoint_every: int | None = None,
+        callbacks: Iterable[Any] = (),
+        forward: Forward | None = None,
+        metrics: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
+    ) -> None:
+        check_basic(dict(locals()))
+        if not isinstance(model, nn.Module):
+            raise bad("model", type(model).__name__, "pass a torch.nn.Module whose forward returns the loss.")
+        self.device = resolve_device(device)
+        self.precision = Precision(precision, self.device)
+        self.model = model.to(self.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise bad("model", type(model).__name__, "it has no trainable parameters (all have "
+                      "requires_grad=False); unfreeze the parameters that should train.")
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.collate_fn, self.num_workers = collate_fn, num_workers
+        self.log_every, self.val_every, self.checkpoint_every = log_every, val_every, checkpoint_every
+        self.forward = forward
+        self.metric_fns = dict(metrics or {})
+
+        train_data, val_data = self._split(train_data, val_data, valid_frac, split_by, split_seed)
+        self.val_data = val_data
+        self.stream = self._stream(train_data, drop_last, shuffle)
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.max_epochs = max_epochs
+        self.max_steps = self._total_steps(max_steps, max_epochs)
+        if self.max_steps is not None and warmup_steps > self.max_steps:
+            raise bad("warmup_steps", warmup_steps, f"the run is only {self.max_steps} steps long; lower "
+                      "warmup_steps or lengthen the run.")
+
+        self.schedule = Schedule(lr, schedule, warmup_steps, warmup_start_lr, self.max_steps, min_lr,
+                                 tuple(milestones), gamma)
+        self.optimizer = build_optimizer(optimizer, model, lr, weight_decay, self.device)
+        self.lr = lr
+        self._lr_scale = [g.get("initial_lr", g["lr"]) / lr for g in self.optimizer.param_groups]
+        mover = _mover(self.device)
+        self._move = mover
+        self._parts = StepParts(model, self.optimizer, self.precision, self.params, max_grad_norm, forward,
+                                mover)
+
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            _claim_run_dir(self.run_dir, overwrite)
+        self.callbacks = list(callbacks)
+        self.progress = Progress(self.max_steps, enabled=progress)
+        self.step = 0
+        self.should_stop = False
+        self.history = History()
+        self._loggers: list[Any] = []
+        self._validated_at: int | None = None
+
+    # ----------------------------------------------------------------------------------------- building
+    def _split(self, train: Any, val: Any, valid_frac: float | None, split_by: Any, split_seed: int):
+        mem = as_in_memory(train)
+        data = mem if mem is not None else train
+        if not isinstance(data, DataLoader) and is_map_style(data) and len(data) == 0:
+            raise bad("train_data", f"{type(train).__name__} of length 0", "the training data is empty.")
+        if valid_frac is None:
+            return data, val
+        if mem is None and not is_map_style(train):
+            raise bad("valid_frac", valid_frac, f"{type(train).__name__} cannot be split by index; pass a "
+                      "map-style dataset or tensors, or give val_data instead.")
+        return split(data, valid_frac, split_seed, split_by)
+
+    def _stream(self, data: Any, drop_last: bool, shuffle: bool) -> StepStream:
+        if isinstance(data, DataLoader) or not is_map_style(data):
+            if not isinstance(data, Iterable):
+                raise bad("train_data", type(data).__name__, "pass tensors, a TensorDataset, a map-style "
+                          "Dataset, a DataLoader or an iterable of batches.")
+            return stream_loader(data, self.grad_accum)
+        order = DataOrder(len(data), self.batch_size, self.grad_accum, seed=self.seed, shuffle=shuffle,
+                          drop_last=drop_last)
+        if order.steps_per_epoch == 0:
+            raise bad("batch_size", self.batch_size, f"with drop_last=True, {len(data)} items make no full "
+                      f"step of {order.global_batch} (batch_size * grad_accum); lower batch_size or set "
+                      "drop_last=False.")
+        if isinstance(data, InMemory):
+            return stream_in_memory(data, order)
+        pin = self.device.type == "cuda"
+        return stream_map_style(data, order, self.collate_fn, self.num_workers, pin)
+
+    def _total_steps(self, max_steps: int | None, max_epochs: int | None) -> int | None:
+        by_epochs = None
+        if max_epochs is not None and self.steps_per_epoch is not None:
+            by_epochs = max_epochs * self.steps_per_epoch
+        if max_steps is None:
+            return by_epochs
+        return max_steps if by_epochs is None else min(max_steps, by_epochs)
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def fit(self) -> History:
+        """Train until ``max_steps``/``max_epochs`` (or a callback sets ``should_stop``); returns the history."""
+        if self.step == 0:
+            _seed_everything(self.seed)
+        if self.run_dir is not None and not self._loggers:
+            self._loggers.append(JsonlLogger(self.run_dir / "metrics.jsonl"))
+        on_step_end = cbs.bind(self.callbacks, "on_step_end")
+        for hook in cbs.bind(self.callbacks, "on_fit_start"):
+            hook(self)
+        running = RunningMeans()
+        self._fit_start = self._log_time = time.perf_counter()
+        self._log_samples = 0
+        self.progress.start(self.step)
+        self.model.train()
+        try:
+            while not self._done():
+                micro_batches = self.stream.next_step()
+                self._set_lr(self.step)
+                loss, parts, grad_norm, samples = train_step(self._parts, micro_batches)
+                self.step += 1
+                self._log_samples += samples
+                running.add("loss", loss)
+                for name, value in parts.items():
+                    running.add(name, value)
+                if grad_norm is not None:
+                    running.add("grad_norm", grad_norm)
+                for hook in on_step_end:
+                    hook(self)
+                self.progress.update(self.step)
+
+                if self.step % self.log_every == 0:
+                    self._log_train(running)
+                if self._validation_due():
+                    self._log_train(running)
+                    self.validate()
+            self._log_train(running)
+            if self.val_data is not None and self._validated_at != self.step:
+                self.validate()
+        finally:
+            self.progress.close()
+            self.stream.close()
+        if self.run_dir is not None:
+            save_weights(self.model, self.run_dir / "final" / "model.safetensors")
+        for hook in cbs.bind(self.callbacks, "on_fit_end"):
+            hook(self)
+        self.progress.message(self.summary())
+        for logger in self._loggers:
+            logger.close()
+        self._loggers = []
+        return self.history
+
+    def _done(self) -> bool:
+        if self.should_stop or (self.max_steps is not None and self.step >= self.max_steps):
+            return True
+        epochs_done = self.stream.epoch + (1 if self.stream.end_of_epoch else 0)
+        return self.max_epochs is not None and epochs_done >= self.max_epochs
+
+    def _set_lr(self, step: int) -> None:
+        lr = self.schedule(step)
+        for group, scale in zip(self.optimizer.param_groups, self._lr_scale):
+            group["lr"] = lr * scale
+
+    def _validation_due(self) -> bool:
+        if self.val_data is None:
+            return False
+        if self.val_every is not None:
+            return self.step % self.val_every == 0
+        return self.stream.end_of_epoch
+
+    def _log_train(self, running: RunningMeans) -> None:
+        if not running:
+            return
+        values = running.read()
+        now = time.perf_counter()
+        record = {
+            "step": self.step,
+            "epoch": self.stream.epoch,
+            "split": "train",
+            "loss": values.pop("loss"),
+            "parts": values,
+            "lr": self.schedule(self.step - 1),
+            "samples_per_s": self._log_samples / max(now - self._log_time, 1e-9),
+            "elapsed_s": now - self._fit_start,
+        }
+        self._log_time, self._log_samples = now, 0
+        self._emit(record)
+        self.progress.logged(self.step, {"loss": record["loss"], "lr": record["lr"]})
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        for logger in self._loggers:
+            logger.log(record)
+        for hook in cbs.bind(self.callbacks, "on_log"):
+            hook(self, record)
+
+    # ----------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> Metrics:
+        """Average loss, parts and metrics over the validation data (eval mode, no grad); logs them."""
+        if self.val_data is None:
+            raise bad("val_data", None, "there is no validation data; pass val_data or valid_frac.")
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        total: Any = 0
+        try:
+            for batch in eval_batches(self.val_data, self.batch_size, self.collate_fn, self.num_workers,
+                                      self.device.type == "cuda"):
+                batch = self._move(batch)
+                with self.precision.autocast():
+                    raw = call_model(self.model, batch, self.forward)
+                out = read_output(raw, training=False)
+                if out.num_items is not None:
+                    weight, loss = out.num_items, out.loss
+                else:
+                    weight = batch_size_of(batch)
+                    loss = out.loss * weight
+                values = {"loss": loss.detach().float()}
+                values.update({k: v.float() * weight for k, v in out.parts.items()})
+                for name, fn in self.metric_fns.items():
+                    values[name] = torch.as_tensor(fn(raw, batch)).float().reshape(()) * weight
+                for k, v in values.items():
+                    sums[k] = v if k not in sums else sums[k] + v
+                total = total + weight
+        finally:
+            self.model.train()
+        if not sums:
+            raise bad("val_data", type(self.val_data).__name__, "validation yielded no batches; it is empty.")
+        read = read_scalars({**sums, "__total__": torch.as_tensor(total)})
+        n = read.pop("__total__")
+        result = Metrics({f"val/{k}": v / n for k, v in read.items()})
+        self._validated_at = self.step
+        record = {"step": self.step, "epoch": self.stream.epoch, "split": "val",
+                  "loss": result["val/loss"],
+                  "parts": {k[4:]: v for k, v in result.items() if k != "val/loss"}}
+        self._emit(record)
+        self.progress.logged(self.step, {f"val_{k[4:]}": v for k, v in result.items()})
+        for hook in cbs.bind(self.callbacks, "on_validation_end"):
+            hook(self, result)
+        return result
+
+    def summary(self) -> str:
+        """One line: steps, last train loss, last validation metrics, the run folder."""
+        parts = [f"done: step={self.step}"]
+        train = self.history.last("train")
+        if train is not None:
+            parts.append(f"loss={train['loss']:.4f}")
+        val = self.history.last("val")
+        if val is not None:
+            parts.append(f"val_loss={val['loss']:.4f}")
+            parts += [f"val_{k}={v:.4f}" for k, v in val["parts"].items()]
+        if self.run_dir is not None:
+            parts.append(f"run={self.run_dir}")
+        return " ".join(parts)
+
+
+def _mover(device: torch.device) -> Callable[[Any], Any]:
+    if device.type == "cpu":
+        return lambda batch: batch  # data on the host already; no per-step calls at all
+
+    def move(batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(device, non_blocking=True)
+        if isinstance(batch, Mapping):
+            return {k: move(v) for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(move(v) for v in batch) if not hasattr(batch, "_fields") else type(batch)(
+                *(move(v) for v in batch))
+        return batch
+
+    return move
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to write into an earlier run unless told to; with ``overwrite``, remove what cadence wrote."""
+    existing = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    if existing and not overwrite:
+        raise bad("run_dir", str(run_dir), f"it already holds a run ({', '.join(existing)}); resume it with "
+                  "--resume (resume=...), pick another folder, or pass --overwrite (overwrite=True) to replace it.")
+    for name in existing:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise bad("run_dir", str(run_dir), "it is a file; choose a folder path.")
