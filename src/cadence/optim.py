@@ -60,17 +60,20 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into a decayed group (2+ dims) and an undecayed one (biases, norms)."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into a decayed group (2+ dims) and an undecayed one (biases, norms).
+
+    Each group carries ``lr``, so an optimizer built by a callable starts at cadence's rate, not its own default.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = []
     if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
     return groups
 
 
@@ -79,7 +82,7 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float, weight_dec
     """An optimizer from a name, a ``param_groups -> Optimizer`` callable, or an instance used as is."""
     if isinstance(spec, torch.optim.Optimizer):
         return spec
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, lr, weight_decay)
     if not groups:
         raise bad("model", type(model).__name__,
                   "it has no trainable parameters (all have requires_grad=False); unfreeze some parameters.")

@@ -50,7 +50,46 @@ RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final")
 
 
 class Trainer:
-    """Train ``model`` on ``train_data``; see the README and ``docs/trainer.md`` for every argument."""
+    """Train ``model`` on ``train_data``: ``fit()`` trains, ``validate()`` measures, ``step`` counts.
+
+    Args:
+        model: the module to train; its forward returns the loss (see ``docs/trainer.md``).
+        train_data: tensors, a TensorDataset, a map-style Dataset, a DataLoader or an iterable of batches.
+        val_data: validation data of the same kinds; or use valid_frac.
+        batch_size: items per micro-batch (per process).
+        max_steps: optimizer steps to train for.
+        max_epochs: passes over the training data (the run ends at whichever limit comes first).
+        optimizer: "adamw", "adam", "sgd", "lion", a callable param_groups -> Optimizer, or an instance.
+        lr: the peak learning rate.
+        weight_decay: decoupled weight decay, applied to tensors of 2+ dimensions only.
+        warmup_steps: steps of linear warm-up from warmup_start_lr to lr.
+        warmup_start_lr: the rate the warm-up starts from.
+        schedule: after warm-up: "constant", "linear", "cosine", "multistep", or a callable step -> factor.
+        min_lr: the rate "linear" and "cosine" decay to.
+        milestones: steps at which "multistep" multiplies the rate by gamma.
+        gamma: the factor of "multistep".
+        grad_accum: micro-batches per optimizer step.
+        max_grad_norm: clip the gradient norm to this (after unscaling); None to not clip.
+        precision: "32", "bf16" (autocast) or "16" (autocast + grad scaling, CUDA only).
+        val_every: validate every N steps (default: at each epoch end).
+        valid_frac: hold out this fraction of the training data for validation.
+        split_by: callable(item) -> group; with valid_frac, hold out whole groups.
+        split_seed: seed of the validation split.
+        collate_fn: how a list of items becomes a batch (map-style datasets).
+        num_workers: DataLoader worker processes (map-style datasets).
+        drop_last: drop the last, partial global batch of each epoch.
+        shuffle: visit each epoch in a seeded random order (the data order contract).
+        log_every: read and log the running means every N steps.
+        seed: seeds the data order and, at the start of fit(), torch, numpy and random.
+        device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps".
+        run_dir: a folder for metrics.jsonl and final/model.safetensors (None: write nothing).
+        overwrite: replace what an earlier run wrote into run_dir.
+        progress: show a progress bar (plain lines when stdout is not a terminal).
+        checkpoint_every: save a checkpoint every N steps.
+        callbacks: objects with some of on_fit_start, on_step_end, on_log, on_validation_end, on_fit_end.
+        forward: callable(model, batch) -> output, replacing the routing by batch type.
+        metrics: {"name": callable(output, batch) -> scalar} computed in validation.
+    """
 
     def __init__(
         self,
@@ -122,7 +161,8 @@ class Trainer:
                                  tuple(milestones), gamma)
         self.optimizer = build_optimizer(optimizer, model, lr, weight_decay, self.device)
         self.lr = lr
-        self._lr_scale = [g.get("initial_lr", g["lr"]) / lr for g in self.optimizer.param_groups]
+        # Each group's own starting rate; the schedule scales it (a group at cadence's lr gets the schedule's rate).
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         mover = _mover(self.device)
         self._move = mover
         self._parts = StepParts(model, self.optimizer, self.precision, self.params, max_grad_norm, forward,
@@ -237,8 +277,8 @@ class Trainer:
 
     def _set_lr(self, step: int) -> None:
         lr = self.schedule(step)
-        for group, scale in zip(self.optimizer.param_groups, self._lr_scale):
-            group["lr"] = lr * scale
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+            group["lr"] = lr if base == self.lr else base * (lr / self.lr)
 
     def _validation_due(self) -> bool:
         if self.val_data is None:
@@ -257,8 +297,9 @@ class Trainer:
             "epoch": self.stream.epoch,
             "split": "train",
             "loss": values.pop("loss"),
+            **({"grad_norm": values.pop("grad_norm")} if "grad_norm" in values else {}),
             "parts": values,
-            "lr": self.schedule(self.step - 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": self._log_samples / max(now - self._log_time, 1e-9),
             "elapsed_s": now - self._fit_start,
         }
