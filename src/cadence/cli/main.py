@@ -33,7 +33,8 @@ def fit_parser() -> Any:
                         help="the training data: class_path + init_args of a Dataset or tensors")
     parser.add_argument("--val_data", type=dict[str, Any] | None, default=None,
                         help="validation data, like --data (or use --trainer.valid_frac)")
-    parser.add_class_arguments(Trainer, "trainer", skip=SKIP, instantiate=False, sub_configs=True, help="every Trainer argument, as --trainer.NAME")
+    parser.add_class_arguments(Trainer, "trainer", skip=SKIP, instantiate=False, sub_configs=True,
+                               help="every Trainer argument, as --trainer.NAME")
     parser.add_argument("--run_dir", "--run-dir", type=str | None, default=None,
                         help="the run folder (default: runs/<date>-<time>-<name>)")
     parser.add_argument("--name", type=str | None, default=None,
