@@ -263,7 +263,6 @@ class Trainer:
             save_weights(self.model, self.run_dir / "final" / "model.safetensors")
         for hook in cbs.bind(self.callbacks, "on_fit_end"):
             hook(self)
-        self.progress.message(self.summary())
         for logger in self._loggers:
             logger.close()
         self._loggers = []

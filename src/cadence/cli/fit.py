@@ -63,7 +63,7 @@ def run_fit(parser: Any, cfg: Any) -> int:
     claim(run_dir, cfg.overwrite)
     cfg.run_dir = str(run_dir)
     torch.manual_seed(cfg.trainer.seed)  # the model's initial weights are part of the run: seed them too
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     data = build(cfg.data, "data")
     val_data = build(cfg.val_data, "val_data")
     trainer = Trainer(init.model, data, val_data=val_data, run_dir=run_dir, overwrite=cfg.overwrite,
@@ -71,6 +71,7 @@ def run_fit(parser: Any, cfg: Any) -> int:
     resolved = cfg.clone()
     resolved.config = None
     resolved.overwrite = False
-    (run_dir / "config.yaml").write_text(parser.dump(resolved, skip_none=False))
+    (run_dir / "config.yaml").write_text(parser.dump(resolved, skip_unset=False))
     trainer.fit()
+    print(trainer.summary(), flush=True)
     return 0

@@ -19,7 +19,7 @@ SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "callbacks", 
 
 
 def fit_parser() -> Any:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
     from torch import nn
 
     from ..trainer import Trainer
@@ -39,7 +39,7 @@ def fit_parser() -> Any:
                         help="the run folder (default: runs/<date>-<time>-<name>)")
     parser.add_argument("--name", type=str | None, default=None,
                         help="the run's name in the default folder (default: the config file's name)")
-    parser.add_argument("--overwrite", type=bool, default=False,
+    parser.add_argument("--overwrite", action=ActionYesNo, default=False,
                         help="replace what an earlier run wrote into the run folder")
     return parser
 
