@@ -46,7 +46,7 @@ def test_demo_trains_to_95_percent_with_a_summary(tmp_path: Path) -> None:
 def test_run_folder_contents(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     assert fit("--run-dir", str(run), *SHORT) == 0
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "final", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "final", "metrics.jsonl"]
     from cadence.demo import DigitsMLP
 
     model = DigitsMLP()

@@ -24,6 +24,13 @@ class RunningMeans:
     def __bool__(self) -> bool:
         return bool(self._values)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The values not yet read, one stacked tensor per name (for checkpoints)."""
+        return {name: torch.stack(values).detach().to("cpu") for name, values in self._values.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._values = {name: list(t.unbind()) for name, t in tensors.items()}
+
     def read(self) -> dict[str, float]:
         """The mean of every name since the last read; clears the buffers."""
         if not self._values:

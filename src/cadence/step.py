@@ -31,13 +31,15 @@ class StepParts:
     max_grad_norm: float | None
     forward: Forward | None
     move: Callable[[Any], Any]
+    check_finite: bool = True  # read the loss on the host to skip a non-finite step (free on the CPU)
 
 
 def train_step(p: StepParts, micro_batches: Sequence[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                     torch.Tensor | None, int]:
-    """Forward, backward, clip and step; returns ``(loss, parts, grad_norm, samples)``.
+                                                                     torch.Tensor | None, int, bool]:
+    """Forward, backward, clip and step; returns ``(loss, parts, grad_norm, samples, stepped)``.
 
-    ``loss``, ``parts`` and ``grad_norm`` stay on the device; ``samples`` is the step's number of samples.
+    ``loss``, ``parts`` and ``grad_norm`` stay on the device; ``samples`` is the step's number of samples;
+    ``stepped`` is False when a non-finite loss left the weights and the optimizer untouched.
     """
     sizes = [batch_size_of(b) for b in micro_batches]
     n_step = sum(sizes)
@@ -71,6 +73,10 @@ def train_step(p: StepParts, micro_batches: Sequence[Any]) -> tuple[torch.Tensor
         loss_sum = loss_sum / total
         parts_sum = {k: v / total for k, v in parts_sum.items()}
 
+    if p.check_finite and not torch.isfinite(loss_sum):
+        p.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, parts_sum, None, sum(sizes), False
+
     if scaler is not None:
         scaler.unscale_(p.optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = None
@@ -82,4 +88,4 @@ def train_step(p: StepParts, micro_batches: Sequence[Any]) -> tuple[torch.Tensor
     else:
         p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, parts_sum, grad_norm, n_step
+    return loss_sum, parts_sum, grad_norm, sum(sizes), True

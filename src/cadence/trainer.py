@@ -7,6 +7,7 @@ calls loggers, callbacks or checkpoints.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -21,6 +22,9 @@ from torch.utils.data import DataLoader
 
 from . import callbacks as cbs
 from .arguments import check_basic, resolve_device
+from .checkpoint import Checkpoints, verify
+from .checkpoint.format import MANIFEST
+from .checkpoint.snapshot import Saver, capture, restore
 from .data.loading import (
     InMemory,
     StepStream,
@@ -43,6 +47,7 @@ from .outputs import Forward, call_model, read_output
 from .precision import Precision
 from .progress import Progress
 from .schedule import Schedule
+from .signals import StopSignals
 from .step import StepParts, train_step
 from .weights import save_weights
 
@@ -89,6 +94,12 @@ class Trainer:
         callbacks: objects with some of on_fit_start, on_step_end, on_log, on_validation_end, on_fit_end.
         forward: callable(model, batch) -> output, replacing the routing by batch type.
         metrics: {"name": callable(output, batch) -> scalar} computed in validation.
+        resume: "auto" (the newest valid checkpoint in run_dir, if any) or a checkpoint or run folder.
+        keep_last: keep only the newest N checkpoints (None: keep all).
+        keep_best: (metric, "min" or "max"): also keep the checkpoint with the best value of metric.
+        async_checkpoint: copy the state off the device and write the files in a background thread.
+        on_nonfinite: "raise" at a non-finite loss, or "skip" the step (weights and optimizer untouched).
+        max_nonfinite: with "skip", raise after this many non-finite steps in a row.
     """
 
     def __init__(
@@ -130,6 +141,12 @@ class Trainer:
         callbacks: Iterable[Any] = (),
         forward: Forward | None = None,
         metrics: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
+        resume: str | Path | None = None,
+        keep_last: int | None = None,
+        keep_best: tuple[str, str] | None = None,
+        async_checkpoint: bool = False,
+        on_nonfinite: str = "raise",
+        max_nonfinite: int = 10,
     ) -> None:
         check_basic(dict(locals()))
         if not isinstance(model, nn.Module):
@@ -149,6 +166,7 @@ class Trainer:
 
         train_data, val_data = self._split(train_data, val_data, valid_frac, split_by, split_seed)
         self.val_data = val_data
+        self.data_length = len(train_data) if is_map_style(train_data) else None
         self.stream = self._stream(train_data, drop_last, shuffle)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.max_epochs = max_epochs
@@ -168,14 +186,35 @@ class Trainer:
         self._parts = StepParts(model, self.optimizer, self.precision, self.params, max_grad_norm, forward,
                                 mover)
 
+        if on_nonfinite not in ("raise", "skip"):
+            raise bad("on_nonfinite", on_nonfinite, 'use "raise" (stop at a non-finite loss) or "skip".')
+        self.on_nonfinite, self.max_nonfinite = on_nonfinite, max_nonfinite
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self._parts.check_finite = on_nonfinite == "skip" or self.device.type == "cpu"
+
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        if self.run_dir is not None:
+        if (checkpoint_every or keep_last or keep_best or async_checkpoint) and self.run_dir is None:
+            raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
+        if keep_best is not None and (len(keep_best) != 2 or keep_best[1] not in ("min", "max")):
+            raise bad("keep_best", keep_best, 'use (metric, "min") or (metric, "max"), e.g. ("val/loss", "min").')
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise bad("keep_last", keep_last, "use a positive number of checkpoints to keep, or None for all.")
+        self.resume = resume
+        if self.run_dir is not None and resume is None:
             _claim_run_dir(self.run_dir, overwrite)
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", keep_last, keep_best) if self.run_dir else None
+        self._saver = Saver(self.checkpoints, background=async_checkpoint) if self.checkpoints else None
         self.callbacks = list(callbacks)
         self.progress = Progress(self.max_steps, enabled=progress)
         self.step = 0
+        self.world_size = 1
         self.should_stop = False
+        self.stop_reason: str | None = None
         self.history = History()
+        self.running = RunningMeans()
+        self._signals = StopSignals()
+        self.last_val_metrics: dict[str, float] = {}
+        self._resumed = False
         self._loggers: list[Any] = []
         self._validated_at: int | None = None
 
@@ -219,57 +258,127 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- the loop
     def fit(self) -> History:
-        """Train until ``max_steps``/``max_epochs`` (or a callback sets ``should_stop``); returns the history."""
-        if self.step == 0:
-            _seed_everything(self.seed)
-        if self.run_dir is not None and not self._loggers:
-            self._loggers.append(JsonlLogger(self.run_dir / "metrics.jsonl"))
+        """Train until ``max_steps``/``max_epochs`` (or a callback sets ``should_stop``); returns the history.
+
+        With ``resume``, the newest valid checkpoint is loaded first and training continues bit-for-bit.
+        On SIGTERM, SIGINT or SIGUSR1 the current step finishes, a checkpoint is saved (with a ``run_dir``)
+        and ``SystemExit(128 + signal number)`` is raised.
+        """
+        self._start()
         on_step_end = cbs.bind(self.callbacks, "on_step_end")
         for hook in cbs.bind(self.callbacks, "on_fit_start"):
             hook(self)
-        running = RunningMeans()
-        self._fit_start = self._log_time = time.perf_counter()
-        self._log_samples = 0
-        self.progress.start(self.step)
         self.model.train()
-        try:
-            while not self._done():
-                micro_batches = self.stream.next_step()
-                self._set_lr(self.step)
-                loss, parts, grad_norm, samples = train_step(self._parts, micro_batches)
-                self.step += 1
-                self._log_samples += samples
-                running.add("loss", loss)
-                for name, value in parts.items():
-                    running.add(name, value)
-                if grad_norm is not None:
-                    running.add("grad_norm", grad_norm)
-                for hook in on_step_end:
-                    hook(self)
-                self.progress.update(self.step)
+        with StopSignals() as signals:
+            self._signals = signals
+            try:
+                while not self._done():
+                    micro_batches = self.stream.next_step()
+                    self._set_lr(self.step)
+                    loss, parts, grad_norm, samples, stepped = train_step(self._parts, micro_batches)
+                    if not stepped:
+                        self._nonfinite(loss)
+                        continue
+                    self.nonfinite_in_a_row = 0
+                    self.step += 1
+                    self._log_samples += samples
+                    self.running.add("loss", loss)
+                    for name, value in parts.items():
+                        self.running.add(name, value)
+                    if grad_norm is not None:
+                        self.running.add("grad_norm", grad_norm)
+                    for hook in on_step_end:
+                        hook(self)
+                    self.progress.update(self.step)
 
-                if self.step % self.log_every == 0:
-                    self._log_train(running)
-                if self._validation_due():
-                    self._log_train(running)
+                    if self.step % self.log_every == 0:
+                        self._log_train()
+                    if self._validation_due():
+                        self._log_train()
+                        self.validate()
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self.save_checkpoint()
+                self._log_train()
+                if signals.received is None and self.val_data is not None and self._validated_at != self.step:
                     self.validate()
-            self._log_train(running)
-            if self.val_data is not None and self._validated_at != self.step:
-                self.validate()
-        finally:
-            self.progress.close()
-            self.stream.close()
+                if self.checkpoints is not None:
+                    self.save_checkpoint()
+                    self._saver.wait()
+            finally:
+                self.progress.close()
+                self.stream.close()
+                for logger in self._loggers:
+                    logger.close()
+                self._loggers = []
+        if signals.received is not None:
+            self.stop_reason = f"signal {signals.received}"
+            raise SystemExit(signals.exit_code)
         if self.run_dir is not None:
             save_weights(self.model, self.run_dir / "final" / "model.safetensors")
         for hook in cbs.bind(self.callbacks, "on_fit_end"):
             hook(self)
-        for logger in self._loggers:
-            logger.close()
-        self._loggers = []
         return self.history
 
+    def _start(self) -> None:
+        """Resume or seed, open the loggers, start the clocks."""
+        folder = self._resume_folder() if not self._resumed else None
+        if folder is not None:
+            restore(self, folder)
+            self._resumed = True
+        elif self.step == 0:
+            _seed_everything(self.seed)
+        if self.run_dir is not None and not self._loggers:
+            path = self.run_dir / "metrics.jsonl"
+            if self.resume is not None:
+                self.history[:] = _keep_records(path, self.step)
+            self._loggers.append(JsonlLogger(path))
+        self._fit_start = self._log_time = time.perf_counter()
+        self._log_samples = 0
+        self.progress.start(self.step)
+
+    def _resume_folder(self) -> Path | None:
+        if self.resume is None:
+            return None
+        if str(self.resume) == "auto":
+            if self.checkpoints is None:
+                raise bad("resume", "auto", "resuming needs the run folder; pass run_dir=... too.")
+            found = self.checkpoints.latest()
+            return found[0] if found else None
+        path = Path(self.resume)
+        if (path / MANIFEST).exists():
+            verify(path)
+            return path
+        found = Checkpoints(path / "checkpoints").latest()
+        if found is None:
+            raise bad("resume", str(path), "it holds no valid checkpoint; give a run folder with checkpoints/ or a "
+                      "checkpoint folder (RUN/checkpoints/step-NNNNNNNNN), or resume='auto'.")
+        return found[0]
+
+    def save_checkpoint(self) -> Path:
+        """Save the full training state as ``RUN/checkpoints/step-NNNNNNNNN`` (atomically)."""
+        if self._saver is None:
+            raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
+        self._saver.save(self.step, capture(self, copy=self._saver.background))
+        return self.checkpoints.path(self.step)
+
+    def _nonfinite(self, loss: torch.Tensor) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        where = f"step {self.step + 1} (epoch {self.stream.epoch})"
+        if self.on_nonfinite == "raise" or self.nonfinite_in_a_row >= self.max_nonfinite:
+            raise FloatingPointError(
+                f"the loss is {float(loss)} at {where}"
+                + (f", {self.nonfinite_in_a_row} steps in a row" if self.on_nonfinite == "skip" else "")
+                + "; the weights were not updated. Lower lr, set max_grad_norm, check the data, or pass "
+                "on_nonfinite='skip' to skip such steps.")
+        self.progress.message(f"skipped {where}: non-finite loss ({self.nonfinite_total} so far)")
+        self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "nonfinite",
+                    "loss": float(loss), "skipped_total": self.nonfinite_total})
+
     def _done(self) -> bool:
-        if self.should_stop or (self.max_steps is not None and self.step >= self.max_steps):
+        if self.should_stop or self._signals.received is not None:
+            return True
+        if self.max_steps is not None and self.step >= self.max_steps:
             return True
         epochs_done = self.stream.epoch + (1 if self.stream.end_of_epoch else 0)
         return self.max_epochs is not None and epochs_done >= self.max_epochs
@@ -286,10 +395,10 @@ class Trainer:
             return self.step % self.val_every == 0
         return self.stream.end_of_epoch
 
-    def _log_train(self, running: RunningMeans) -> None:
-        if not running:
+    def _log_train(self) -> None:
+        if not self.running:
             return
-        values = running.read()
+        values = self.running.read()
         now = time.perf_counter()
         record = {
             "step": self.step,
@@ -349,6 +458,7 @@ class Trainer:
         n = read.pop("__total__")
         result = Metrics({f"val/{k}": v / n for k, v in read.items()})
         self._validated_at = self.step
+        self.last_val_metrics = dict(result)
         record = {"step": self.step, "epoch": self.stream.epoch, "split": "val",
                   "loss": result["val/loss"],
                   "parts": {k[4:]: v for k, v in result.items() if k != "val/loss"}}
@@ -407,3 +517,19 @@ def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     if run_dir.exists() and not run_dir.is_dir():
         raise bad("run_dir", str(run_dir), "it is a file; choose a folder path.")
+
+
+def _keep_records(path: Path, step: int) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` up to ``step``; later ones (after the checkpoint) are dropped from it."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept

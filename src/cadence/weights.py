@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -36,3 +37,58 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(clean_state_dict(model), str(path), metadata=metadata)
     return path
+
+
+def _find_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a foreign checkpoint: the object itself, or under a usual key."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict", "module", "ema_model", "ema"):
+            if key in obj:
+                try:
+                    return _find_state_dict(obj[key])
+                except ValueError:
+                    continue
+    raise ValueError("no mapping of parameter names to tensors found")
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file, or from a foreign ``.pt``/``.ckpt`` loaded with
+    ``torch.load(weights_only=True)`` (which refuses to run code); ``module.`` and ``_orig_mod.`` prefixes are
+    removed."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = _find_state_dict(obj)
+        except Exception as err:
+            raise ValueError(f"{path}: cannot read weights from it safely ({err}); cadence loads foreign "
+                             "checkpoints with weights_only=True only, so convert it to a plain state_dict "
+                             "of tensors first.") from None
+    return {_strip(k): v for k, v in tensors.items()}
+
+
+def _strip(key: str) -> str:
+    key = key.replace(COMPILED_PREFIX, "")
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Load weights from a safetensors file or a foreign ``.pt``/``.ckpt`` (``weights_only=True``) into ``model``.
+
+    Returns the model; with ``strict`` a mismatch raises an error listing the missing, unexpected and
+    mis-shaped keys.
+    """
+    from .checkpoint.state import load_model
+
+    tensors = read_weights(path)
+    if strict:
+        load_model(model, tensors, str(path))
+    else:
+        model.load_state_dict(tensors, strict=False)
+    return model

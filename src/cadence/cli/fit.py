@@ -59,18 +59,25 @@ def run_fit(parser: Any, cfg: Any) -> int:
 
     from ..trainer import Trainer
 
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    claim(run_dir, cfg.overwrite)
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume={cfg.resume!r}: no config.yaml there; give the folder of a run that "
+                              "cadence fit started.")
+    else:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+        claim(run_dir, cfg.overwrite)
     cfg.run_dir = str(run_dir)
     torch.manual_seed(cfg.trainer.seed)  # the model's initial weights are part of the run: seed them too
     init = parser.instantiate(cfg)
     data = build(cfg.data, "data")
     val_data = build(cfg.val_data, "val_data")
     trainer = Trainer(init.model, data, val_data=val_data, run_dir=run_dir, overwrite=cfg.overwrite,
-                      **dict(init.trainer))
+                      resume="auto" if cfg.resume else None, **dict(init.trainer))
     resolved = cfg.clone()
     resolved.config = None
     resolved.overwrite = False
+    resolved.resume = None
     (run_dir / "config.yaml").write_text(parser.dump(resolved, skip_unset=False))
     trainer.fit()
     print(trainer.summary(), flush=True)

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import ConfigError
 
 # Trainer arguments the CLI fills itself, or that only make sense from Python.
-SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "callbacks", "forward", "metrics"}
+SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "callbacks", "forward", "metrics", "resume"}
 
 
 def fit_parser() -> Any:
@@ -41,6 +41,21 @@ def fit_parser() -> Any:
                         help="the run's name in the default folder (default: the config file's name)")
     parser.add_argument("--overwrite", action=ActionYesNo, default=False,
                         help="replace what an earlier run wrote into the run folder")
+    parser.add_argument("--resume", type=str | None, default=None,
+                        help="continue the run in this folder from its newest valid checkpoint, with its own "
+                             "config.yaml (overrides such as a higher --trainer.max_steps still apply)")
+    return parser
+
+
+def export_parser() -> Any:
+    from jsonargparse import ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(prog="cadence export", exit_on_error=False,
+                            description="Write a run's newest weights alone, as one safetensors file.")
+    parser.add_argument("run", type=str, help="the run folder")
+    parser.add_argument("-o", "--output", type=str, default="model.safetensors", help="the file to write")
+    parser.add_argument("--ema", action=ActionYesNo, default=False, help="export the EMA weights")
+    parser.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace an existing output file")
     return parser
 
 
@@ -51,11 +66,17 @@ def root_parser() -> Any:
                             description="cadence: a small, fast, exact PyTorch trainer.")
     commands = parser.add_subcommands(required=True, dest="command")
     commands.add_subcommand("fit", fit_parser(), help="train a model (no arguments: the built-in digits demo)")
+    commands.add_subcommand("export", export_parser(), help="write a run's weights alone as safetensors")
     return parser
 
 
-def with_demo(argv: list[str]) -> list[str]:
-    """``cadence fit`` with no config and no model runs the built-in demo's config."""
+def with_defaults(argv: list[str]) -> list[str]:
+    """``cadence fit --resume RUN`` reads RUN/config.yaml first; with no config and no model, the demo's."""
+    if argv[:1] == ["fit"] and "--resume" in argv[:-1]:
+        from pathlib import Path
+
+        run = argv[argv.index("--resume") + 1]
+        return ["fit", "--config", str(Path(run) / "config.yaml"), *argv[1:]]
     if argv[:1] == ["fit"] and not any(a.startswith(("--config", "--model", "-h", "--help")) for a in argv):
         from ..demo import CONFIG
 
@@ -111,7 +132,7 @@ def explain(err: Exception, parser: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input)."""
-    argv = with_demo(list(sys.argv[1:] if argv is None else argv))
+    argv = with_defaults(list(sys.argv[1:] if argv is None else argv))
     parser = root_parser()
     try:
         cfg = parser.parse_args(argv)
@@ -119,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             from .fit import run_fit
 
             return run_fit(parser._subcommands_action._name_parser_map["fit"], cfg.fit)
+        if cfg.command == "export":
+            from .export import export
+
+            return export(cfg.export)
     except ConfigError as err:
         print(f"cadence: error: {err}", file=sys.stderr)
         return 2

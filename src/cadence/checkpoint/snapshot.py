@@ -1,0 +1,144 @@
+"""What a checkpoint of a running ``Trainer`` holds, and putting it back.
+
+``capture`` copies everything off the device into plain CPU tensors and JSON (so a background thread can
+write it while training goes on); ``restore`` checks that the checkpoint fits this run and loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ConfigError
+from ..weights import clean_state_dict
+from .format import FORMAT, read_json, read_tensors, write_checkpoint
+from .state import load_model, load_optimizer, optimizer_state, rng_state, set_rng_state
+from .store import Checkpoints
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+# Arguments that fix which items each step sees: a resume that changes them cannot be exact.
+DATA_KEYS = ("data_length", "batch_size", "grad_accum", "world_size", "seed")
+
+
+def run_identity(trainer: Trainer) -> dict[str, Any]:
+    return {"data_length": trainer.data_length, "batch_size": trainer.batch_size,
+            "grad_accum": trainer.grad_accum, "world_size": trainer.world_size, "seed": trainer.seed}
+
+
+def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
+    """The checkpoint's files as name -> tensors (``.safetensors``) or JSON-able values (``.json``)."""
+    from .. import __version__
+
+    def own(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in tensors.items()} if copy else tensors
+
+    model = clean_state_dict(trainer.model)
+    opt_tensors, opt_meta = optimizer_state(trainer.optimizer)
+    rng_tensors, rng_meta = rng_state()
+    identity = run_identity(trainer)
+    scaler = trainer.precision.scaler
+    files: dict[str, Any] = {
+        "model.safetensors": own(model),
+        "optimizer.safetensors": own(opt_tensors),
+        "optimizer.json": opt_meta,
+        "rng.safetensors": rng_tensors,
+        "trainer.json": {
+            "format": FORMAT,
+            "cadence_version": __version__,
+            "torch_version": torch.__version__,
+            "step": trainer.step,
+            "data": trainer.stream.state_dict(),
+            **identity,
+            "config_hash": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+            "rng": rng_meta,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "nonfinite": trainer.nonfinite_in_a_row,
+            "metrics": dict(trainer.last_val_metrics),
+            "callbacks": {str(i): cb.state_dict() for i, cb in enumerate(trainer.callbacks)
+                          if hasattr(cb, "state_dict")},
+        },
+    }
+    running = trainer.running.state_tensors()
+    if running:
+        files["running.safetensors"] = own(running)
+    return files
+
+
+def restore(trainer: Trainer, folder: Path) -> None:
+    """Load the checkpoint ``folder`` into ``trainer`` (already built with the same arguments)."""
+    from .. import __version__
+
+    meta = read_json(folder / "trainer.json")
+    if meta.get("format", FORMAT) > FORMAT:
+        raise ConfigError(f"resume={str(folder)!r}: written by cadence {meta.get('cadence_version')} in checkpoint "
+                          f"format {meta['format']}, newer than this cadence {__version__} reads; upgrade cadence.")
+    now = run_identity(trainer)
+    changed = [f"{k} {meta.get(k)} -> {now[k]}" for k in DATA_KEYS if k in meta and meta[k] != now[k]]
+    if changed:
+        raise ConfigError(f"resume={str(folder)!r}: the run changed since this checkpoint ({'; '.join(changed)}); "
+                          "an exact resume needs the same data, batch_size, grad_accum, world size and seed. "
+                          "Put them back, or start a new run.")
+    load_model(trainer.model, read_tensors(folder / "model.safetensors"), str(folder))
+    load_optimizer(trainer.optimizer, read_tensors(folder / "optimizer.safetensors"),
+                   read_json(folder / "optimizer.json"))
+    for group in trainer.optimizer.param_groups:  # tensors come back on the CPU; the optimizer expects its device
+        for p in group["params"]:
+            for key, value in trainer.optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and key != "step" and value.device != p.device:
+                    trainer.optimizer.state[p][key] = value.to(p.device)
+    set_rng_state(read_tensors(folder / "rng.safetensors"), meta["rng"])
+    if trainer.precision.scaler is not None and meta.get("scaler"):
+        trainer.precision.scaler.load_state_dict(meta["scaler"])
+    trainer.stream.load_state_dict(meta["data"])
+    trainer.step = int(meta["step"])
+    trainer.nonfinite_in_a_row = int(meta.get("nonfinite", 0))
+    trainer.last_val_metrics = dict(meta.get("metrics", {}))
+    for index, state in meta.get("callbacks", {}).items():
+        trainer.callbacks[int(index)].load_state_dict(state)
+    if (folder / "running.safetensors").exists():
+        trainer.running.load_state_tensors(read_tensors(folder / "running.safetensors"))
+
+
+class Saver:
+    """Writes checkpoints, in the calling thread or (``background=True``) in one worker thread at a time."""
+
+    def __init__(self, store: Checkpoints, background: bool = False) -> None:
+        self.store = store
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, step: int, files: dict[str, Any]) -> None:
+        self.wait()
+        if not self.background:
+            self._write(step, files)
+            return
+        self._thread = threading.Thread(target=self._write_catching, args=(step, files), daemon=True,
+                                        name="cadence-checkpoint")
+        self._thread.start()
+
+    def _write(self, step: int, files: dict[str, Any]) -> None:
+        write_checkpoint(self.store.path(step), files, {"step": step})
+        self.store.prune()
+
+    def _write_catching(self, step: int, files: dict[str, Any]) -> None:
+        try:
+            self._write(step, files)
+        except BaseException as err:  # reported by the next wait() in the training thread
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -1,0 +1,97 @@
+"""Trainer state to and from plain tensors and JSON: model, optimizer, RNG."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..weights import COMPILED_PREFIX
+
+
+# ------------------------------------------------------------------------------------------------ model
+def load_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load weights with one clear error that lists every missing, unexpected and mis-shaped key."""
+    target = model._orig_mod if hasattr(model, "_orig_mod") else model
+    own = {k.replace(COMPILED_PREFIX, ""): v for k, v in target.state_dict().items()}
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = sorted(f"{k} {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        listing = "; ".join(f"{label}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("mis-shaped", shapes)) if keys)
+        raise ConfigError(f"weights from {source!r} do not fit this model ({listing}); use the model they were "
+                          "trained with (the same class and arguments), or start a new run.")
+    target.load_state_dict(dict(tensors), strict=True)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``state_dict()`` split into tensors (``state.<param>.<key>``) and JSON (groups, plain values)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().to("cpu")
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "plain_state": plain}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+                   meta: Mapping[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in meta["plain_state"].items():
+        state.setdefault(int(index), {}).update(values)
+    current = optimizer.param_groups
+    groups = []
+    for saved, live in zip(meta["param_groups"], current, strict=False):
+        groups.append({k: (tuple(v) if isinstance(live.get(k), tuple) else v) for k, v in saved.items()})
+    if len(groups) != len(current) or any(len(g["params"]) != len(c["params"]) for g, c in zip(groups, current)):
+        raise ConfigError("resume: the checkpoint's optimizer has different parameter groups from this run's; "
+                          "resume with the same model, optimizer and frozen parameters, or start a new run.")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+def _bytes(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch (CPU and every CUDA device), numpy and python RNG states as uint8 tensors plus small JSON."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = _bytes(np.asarray(keys, dtype=np.uint32))
+    version, internal, gauss_next = random.getstate()
+    tensors["python"] = _bytes(np.asarray(internal, dtype=np.uint32))
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, gauss_next]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = sorted(k for k in tensors if k.startswith("cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().view(np.uint32), pos, has_gauss, cached))
+    version, gauss_next = meta["python"]
+    internal = tuple(int(x) for x in tensors["python"].numpy().view(np.uint32))
+    random.setstate((version, internal, gauss_next))

@@ -1,0 +1,82 @@
+"""The checkpoints of one run: naming, finding the newest valid one, and retention."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .format import TMP_PREFIX, CheckpointError, read_json, verify
+
+NAME = re.compile(r"^step-(\d{9})$")
+
+
+class Checkpoints:
+    """``RUN/checkpoints/step-000001200/`` folders, newest last.
+
+    ``keep_last`` keeps the newest N; ``keep_best=(metric, "min"|"max")`` also keeps the one with the best
+    value of ``metric`` at its save. Old checkpoints are removed only after a new one is committed, and only
+    folders whose manifest says cadence wrote them.
+    """
+
+    def __init__(self, root: str | Path, keep_last: int | None = None,
+                 keep_best: tuple[str, str] | None = None) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step:09d}"
+
+    def folders(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and NAME.match(p.name))
+
+    def latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+        for folder in reversed(self.folders()):
+            try:
+                return folder, verify(folder)
+            except CheckpointError as err:
+                warnings.warn(f"skipping checkpoint {err}; using the previous one", stacklevel=2)
+        return None
+
+    def prune(self) -> None:
+        """Apply ``keep_last``/``keep_best`` and clear stray temporary folders of interrupted saves."""
+        if self.root.is_dir():
+            for stray in self.root.glob(f"{TMP_PREFIX}*"):
+                shutil.rmtree(stray, ignore_errors=True)
+        if self.keep_last is None:
+            return
+        folders = self.folders()
+        keep = set(folders[-self.keep_last:]) if self.keep_last > 0 else set()
+        best = self._best(folders)
+        if best is not None:
+            keep.add(best)
+        for folder in folders:
+            if folder not in keep and _written_by_cadence(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _best(self, folders: list[Path]) -> Path | None:
+        if self.keep_best is None:
+            return None
+        metric, mode = self.keep_best
+        scored = []
+        for folder in folders:
+            try:
+                value = read_json(folder / "trainer.json").get("metrics", {}).get(metric)
+            except CheckpointError:
+                continue
+            if value is not None:
+                scored.append((value if mode == "min" else -value, folder))
+        return min(scored)[1] if scored else None
+
+
+def _written_by_cadence(folder: Path) -> bool:
+    try:
+        return read_json(folder / "manifest.json").get("writer") == "cadence"
+    except CheckpointError:
+        return False

@@ -1,0 +1,29 @@
+"""``cadence export RUN -o model.safetensors [--ema]``: a run's newest weights, alone, in one file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoints
+from ..checkpoint.format import read_tensors
+from ..errors import ConfigError
+
+
+def export(cfg: Any) -> int:
+    run, output = Path(cfg.run), Path(cfg.output)
+    name = "ema.safetensors" if cfg.ema else "model.safetensors"
+    found = Checkpoints(run / "checkpoints").latest()
+    source = found[0] / name if found else run / "final" / name
+    if not source.is_file():
+        what = "EMA weights (train with ema=EMA(...))" if cfg.ema else "weights"
+        raise ConfigError(f"run={str(run)!r}: it holds no {what}: no valid checkpoint and no final/{name}; give "
+                          "the folder of a run that cadence fit started.")
+    if output.exists() and not cfg.overwrite:
+        raise ConfigError(f"--output={str(output)!r}: the file exists; choose another path or pass --overwrite.")
+    read_tensors(source)  # refuse anything that is not a valid safetensors file
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, output)
+    print(f"wrote {output} from {source}")
+    return 0
