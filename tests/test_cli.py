@@ -33,7 +33,7 @@ def test_demo_trains_to_95_percent_with_a_summary(tmp_path: Path) -> None:
     run = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-m", "cadence", "fit", "--run-dir", str(run)], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tmp_path)
+                          text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = proc.stdout.strip().splitlines()[-1]
     assert "val_acc=0.9" in summary and str(run) in summary

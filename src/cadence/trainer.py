@@ -7,9 +7,7 @@ calls loggers, callbacks or checkpoints.
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,14 +20,13 @@ from torch.utils.data import DataLoader
 
 from . import callbacks as cbs
 from .arguments import check_basic, resolve_device
-from .checkpoint import Checkpoints, verify
-from .checkpoint.format import MANIFEST
+from .checkpoint import Checkpoints
 from .checkpoint.snapshot import Saver, capture, restore
+from .checkpoint.store import find_resume
 from .data.loading import (
     InMemory,
     StepStream,
     as_in_memory,
-    batch_size_of,
     eval_batches,
     is_map_style,
     stream_in_memory,
@@ -39,19 +36,19 @@ from .data.loading import (
 from .data.order import DataOrder
 from .data.split import split
 from .errors import bad
+from .evaluate import evaluate
 from .history import History, Metrics
 from .loggers.jsonl import JsonlLogger
-from .metrics import RunningMeans, read_scalars
+from .metrics import RunningMeans
 from .optim import OptimizerSpec, build_optimizer
-from .outputs import Forward, call_model, read_output
+from .outputs import Forward
 from .precision import Precision
 from .progress import Progress
+from .rundir import claim_run_dir, records_until
 from .schedule import Schedule
 from .signals import StopSignals
 from .step import StepParts, train_step
 from .weights import save_weights
-
-RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final")
 
 
 class Trainer:
@@ -201,7 +198,7 @@ class Trainer:
             raise bad("keep_last", keep_last, "use a positive number of checkpoints to keep, or None for all.")
         self.resume = resume
         if self.run_dir is not None and resume is None:
-            _claim_run_dir(self.run_dir, overwrite)
+            claim_run_dir(self.run_dir, overwrite)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", keep_last, keep_best) if self.run_dir else None
         self._saver = Saver(self.checkpoints, background=async_checkpoint) if self.checkpoints else None
         self.callbacks = list(callbacks)
@@ -321,7 +318,9 @@ class Trainer:
 
     def _start(self) -> None:
         """Resume or seed, open the loggers, start the clocks."""
-        folder = self._resume_folder() if not self._resumed else None
+        folder = None
+        if self.resume is not None and not self._resumed:
+            folder = find_resume(self.resume, self.checkpoints)
         if folder is not None:
             restore(self, folder)
             self._resumed = True
@@ -330,29 +329,11 @@ class Trainer:
         if self.run_dir is not None and not self._loggers:
             path = self.run_dir / "metrics.jsonl"
             if self.resume is not None:
-                self.history[:] = _keep_records(path, self.step)
+                self.history[:] = records_until(path, self.step)
             self._loggers.append(JsonlLogger(path))
         self._fit_start = self._log_time = time.perf_counter()
         self._log_samples = 0
         self.progress.start(self.step)
-
-    def _resume_folder(self) -> Path | None:
-        if self.resume is None:
-            return None
-        if str(self.resume) == "auto":
-            if self.checkpoints is None:
-                raise bad("resume", "auto", "resuming needs the run folder; pass run_dir=... too.")
-            found = self.checkpoints.latest()
-            return found[0] if found else None
-        path = Path(self.resume)
-        if (path / MANIFEST).exists():
-            verify(path)
-            return path
-        found = Checkpoints(path / "checkpoints").latest()
-        if found is None:
-            raise bad("resume", str(path), "it holds no valid checkpoint; give a run folder with checkpoints/ or a "
-                      "checkpoint folder (RUN/checkpoints/step-NNNNNNNNN), or resume='auto'.")
-        return found[0]
 
     def save_checkpoint(self) -> Path:
         """Save the full training state as ``RUN/checkpoints/step-NNNNNNNNN`` (atomically)."""
@@ -423,45 +404,18 @@ class Trainer:
             hook(self, record)
 
     # ----------------------------------------------------------------------------------------- validation
-    @torch.no_grad()
     def validate(self) -> Metrics:
         """Average loss, parts and metrics over the validation data (eval mode, no grad); logs them."""
         if self.val_data is None:
             raise bad("val_data", None, "there is no validation data; pass val_data or valid_frac.")
-        self.model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        total: Any = 0
-        try:
-            for batch in eval_batches(self.val_data, self.batch_size, self.collate_fn, self.num_workers,
-                                      self.device.type == "cuda"):
-                batch = self._move(batch)
-                with self.precision.autocast():
-                    raw = call_model(self.model, batch, self.forward)
-                out = read_output(raw, training=False)
-                if out.num_items is not None:
-                    weight, loss = out.num_items, out.loss
-                else:
-                    weight = batch_size_of(batch)
-                    loss = out.loss * weight
-                values = {"loss": loss.detach().float()}
-                values.update({k: v.float() * weight for k, v in out.parts.items()})
-                for name, fn in self.metric_fns.items():
-                    values[name] = torch.as_tensor(fn(raw, batch)).float().reshape(()) * weight
-                for k, v in values.items():
-                    sums[k] = v if k not in sums else sums[k] + v
-                total = total + weight
-        finally:
-            self.model.train()
-        if not sums:
-            raise bad("val_data", type(self.val_data).__name__, "validation yielded no batches; it is empty.")
-        read = read_scalars({**sums, "__total__": torch.as_tensor(total)})
-        n = read.pop("__total__")
-        result = Metrics({f"val/{k}": v / n for k, v in read.items()})
+        batches = eval_batches(self.val_data, self.batch_size, self.collate_fn, self.num_workers,
+                               self.device.type == "cuda")
+        means = evaluate(self.model, batches, self.precision, self._move, self.forward, self.metric_fns)
+        result = Metrics({f"val/{k}": v for k, v in means.items()})
         self._validated_at = self.step
         self.last_val_metrics = dict(result)
-        record = {"step": self.step, "epoch": self.stream.epoch, "split": "val",
-                  "loss": result["val/loss"],
-                  "parts": {k[4:]: v for k, v in result.items() if k != "val/loss"}}
+        record = {"step": self.step, "epoch": self.stream.epoch, "split": "val", "loss": means.pop("loss"),
+                  "parts": means}
         self._emit(record)
         self.progress.logged(self.step, {f"val_{k[4:]}": v for k, v in result.items()})
         for hook in cbs.bind(self.callbacks, "on_validation_end"):
@@ -504,32 +458,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to write into an earlier run unless told to; with ``overwrite``, remove what cadence wrote."""
-    existing = [m for m in RUN_MARKERS if (run_dir / m).exists()]
-    if existing and not overwrite:
-        raise bad("run_dir", str(run_dir), f"it already holds a run ({', '.join(existing)}); resume it with "
-                  "--resume (resume=...), pick another folder, or pass --overwrite (overwrite=True) to replace it.")
-    for name in existing:
-        target = run_dir / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise bad("run_dir", str(run_dir), "it is a file; choose a folder path.")
-
-
-def _keep_records(path: Path, step: int) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` up to ``step``; later ones (after the checkpoint) are dropped from it."""
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a crash
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(record)
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept

@@ -80,3 +80,24 @@ def _written_by_cadence(folder: Path) -> bool:
         return read_json(folder / "manifest.json").get("writer") == "cadence"
     except CheckpointError:
         return False
+
+
+def find_resume(resume: str | Path, checkpoints: Checkpoints | None) -> Path | None:
+    """The checkpoint folder that ``resume`` names: ``"auto"`` is the newest valid one of this run (or none,
+    to start fresh); a path is a checkpoint folder or a run folder (then its newest valid checkpoint)."""
+    from ..errors import bad
+
+    if str(resume) == "auto":
+        if checkpoints is None:
+            raise bad("resume", "auto", "resuming needs the run folder; pass run_dir=... too.")
+        found = checkpoints.latest()
+        return found[0] if found else None
+    path = Path(resume)
+    if (path / "manifest.json").exists():
+        verify(path)
+        return path
+    found = Checkpoints(path / "checkpoints").latest()
+    if found is None:
+        raise bad("resume", str(path), "it holds no valid checkpoint; give a run folder with checkpoints/ or a "
+                  "checkpoint folder (RUN/checkpoints/step-NNNNNNNNN), or resume='auto'.")
+    return found[0]

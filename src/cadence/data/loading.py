@@ -57,8 +57,8 @@ def as_in_memory(data: Any) -> InMemory | None:
         return data
     if isinstance(data, torch.Tensor):
         return InMemory([data], "tensor")
-    if isinstance(data, TensorDataset):
-        return InMemory(data.tensors, "tuple")
+    if isinstance(data, TensorDataset) and type(data).__getitem__ is TensorDataset.__getitem__:
+        return InMemory(data.tensors, "tuple")  # a subclass with its own __getitem__ goes item by item
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         return InMemory(data, "tuple")
     if isinstance(data, Mapping) and data and all(isinstance(t, torch.Tensor) for t in data.values()):
@@ -207,5 +207,7 @@ def eval_batches(data: Any, batch_size: int, collate_fn: Callable | None, num_wo
         return (mem.take(idx[i:i + batch_size]) for i in range(0, len(mem), batch_size))
     if isinstance(data, DataLoader) or not is_map_style(data):
         return data
+    # A private generator: iterating must not draw from the global RNG (it would shift dropout after a resume).
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate,
+                      generator=torch.Generator(),
                       num_workers=num_workers, pin_memory=pin_memory)

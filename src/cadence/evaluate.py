@@ -1,0 +1,52 @@
+"""Validation: weighted means of the loss, the parts and the metrics over a set of batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.loading import batch_size_of
+from .errors import bad
+from .metrics import read_scalars
+from .outputs import Forward, call_model, read_output
+from .precision import Precision
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, move: Callable[[Any], Any],
+             forward: Forward | None, metric_fns: Mapping[str, Callable[[Any, Any], Any]]) -> dict[str, float]:
+    """Means weighted by batch size (or ``num_items``), in eval mode; the model is left in train mode.
+
+    Sums stay on the device and are read once at the end.
+    """
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    total: Any = 0
+    try:
+        for batch in batches:
+            batch = move(batch)
+            with precision.autocast():
+                raw = call_model(model, batch, forward)
+            out = read_output(raw, training=False)
+            if out.num_items is not None:
+                weight, loss = out.num_items, out.loss  # already a sum over num_items
+            else:
+                weight = batch_size_of(batch)
+                loss = out.loss * weight
+            values = {"loss": loss.detach().float()}
+            values.update({k: v.float() * weight for k, v in out.parts.items()})
+            for name, fn in metric_fns.items():
+                values[name] = torch.as_tensor(fn(raw, batch)).float().reshape(()) * weight
+            for k, v in values.items():
+                sums[k] = v if k not in sums else sums[k] + v
+            total = total + weight
+    finally:
+        model.train()
+    if not sums:
+        raise bad("val_data", "no batches", "validation yielded nothing; the validation data is empty.")
+    read = read_scalars({**sums, "__total__": torch.as_tensor(total)})
+    n = read.pop("__total__")
+    return {k: v / n for k, v in read.items()}
