@@ -50,6 +50,9 @@ from .signals import StopSignals
 from .step import StepParts, train_step
 from .weights import save_weights
 
+# Keys of the loss and the gradient norm among the running means: they cannot clash with a part's name.
+LOSS, GRAD_NORM = " loss", " grad_norm"
+
 
 class Trainer:
     """Train ``model`` on ``train_data``: ``fit()`` trains, ``validate()`` measures, ``step`` counts.
@@ -279,11 +282,11 @@ class Trainer:
                     self.nonfinite_in_a_row = 0
                     self.step += 1
                     self._log_samples += samples
-                    self.running.add("loss", loss)
+                    self.running.add(LOSS, loss)
                     for name, value in parts.items():
                         self.running.add(name, value)
                     if grad_norm is not None:
-                        self.running.add("grad_norm", grad_norm)
+                        self.running.add(GRAD_NORM, grad_norm)
                     for hook in on_step_end:
                         hook(self)
                     self.progress.update(self.step)
@@ -354,7 +357,7 @@ class Trainer:
                 "on_nonfinite='skip' to skip such steps.")
         self.progress.message(f"skipped {where}: non-finite loss ({self.nonfinite_total} so far)")
         self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "nonfinite",
-                    "loss": float(loss), "skipped_total": self.nonfinite_total})
+                    "value": float(loss), "skipped_total": self.nonfinite_total})
 
     def _done(self) -> bool:
         if self.should_stop or self._signals.received is not None:
@@ -385,8 +388,8 @@ class Trainer:
             "step": self.step,
             "epoch": self.stream.epoch,
             "split": "train",
-            "loss": values.pop("loss"),
-            **({"grad_norm": values.pop("grad_norm")} if "grad_norm" in values else {}),
+            "loss": values.pop(LOSS),
+            **({"grad_norm": values.pop(GRAD_NORM)} if GRAD_NORM in values else {}),
             "parts": values,
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": self._log_samples / max(now - self._log_time, 1e-9),

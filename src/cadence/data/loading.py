@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
@@ -55,10 +56,14 @@ def as_in_memory(data: Any) -> InMemory | None:
     """``data`` as an :class:`InMemory` view when it is tensors, else ``None``."""
     if isinstance(data, InMemory):
         return data
-    if isinstance(data, torch.Tensor):
-        return InMemory([data], "tensor")
     if isinstance(data, TensorDataset) and type(data).__getitem__ is TensorDataset.__getitem__:
         return InMemory(data.tensors, "tuple")  # a subclass with its own __getitem__ goes item by item
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, np.ndarray) for t in data):
+        data = [torch.from_numpy(t) for t in data]  # numpy arrays share memory with the tensors made here
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        return InMemory([data], "tensor")
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         return InMemory(data, "tuple")
     if isinstance(data, Mapping) and data and all(isinstance(t, torch.Tensor) for t in data.values()):

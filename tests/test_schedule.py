@@ -1,0 +1,198 @@
+"""Learning-rate schedules: the rate used at every optimizer step equals the closed form in ``schedule.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from cadence import ConfigError
+from cadence.schedule import Schedule
+from helpers import MLP, Events, make_data, trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LR, MIN_LR, START = 0.1, 0.01, 0.02
+
+
+def closed_form(s: int, *, name, lr: float, warmup_steps: int = 0, warmup_start_lr: float = 0.0,
+                max_steps: int | None = None, min_lr: float = 0.0, milestones=(), gamma: float = 0.1) -> float:
+    """Written from the module docstring of ``cadence/schedule.py``, independently of the implementation."""
+    if s < warmup_steps:
+        return warmup_start_lr + (lr - warmup_start_lr) * s / warmup_steps
+    if callable(name):
+        return lr * name(s)
+    if name == "constant":
+        return lr
+    if name == "multistep":
+        return lr * gamma ** len([m for m in milestones if m <= s])
+    p = (s - warmup_steps) / (max_steps - warmup_steps)
+    if name == "linear":
+        return lr + (min_lr - lr) * p
+    if name == "cosine":
+        return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * p)) / 2
+    raise AssertionError(name)
+
+
+def halving(step: int) -> float:
+    return 0.5 ** (step // 4)
+
+
+CASES = [
+    ("constant", {}),
+    ("linear", {"min_lr": MIN_LR}),
+    ("linear", {}),
+    ("cosine", {"min_lr": MIN_LR}),
+    ("cosine", {}),
+    ("multistep", {"milestones": (5, 9, 13), "gamma": 0.5}),
+    (halving, {}),
+]
+CASE_IDS = ["constant", "linear_min_lr", "linear_to_zero", "cosine_min_lr", "cosine_to_zero", "multistep",
+            "callable"]
+
+
+@pytest.mark.parametrize("warmup", [0, 4], ids=["no_warmup", "warmup"])
+@pytest.mark.parametrize("grad_accum", [1, 3], ids=["accum1", "accum3"])
+@pytest.mark.parametrize("name,extra", CASES, ids=CASE_IDS)
+def test_rate_at_every_step_is_the_closed_form(name, extra, warmup, grad_accum):
+    steps = 16
+    events = Events()
+    t = trainer(MLP(), make_data(40), batch_size=4, grad_accum=grad_accum, max_steps=steps, optimizer="sgd",
+                lr=LR, schedule=name, warmup_steps=warmup, warmup_start_lr=START if warmup else 0.0,
+                log_every=5, callbacks=[events], **extra)
+    t.fit()
+    expected = [closed_form(s, name=name, lr=LR, warmup_steps=warmup, warmup_start_lr=START if warmup else 0.0,
+                            max_steps=steps, **extra) for s in range(steps)]
+    # one rate per optimizer step (never per micro-step), the same in every parameter group
+    assert len(events.lrs) == steps
+    for s, (group_lrs, want) in enumerate(zip(events.lrs, expected)):
+        assert all(g == pytest.approx(want, rel=1e-12, abs=1e-15) for g in group_lrs), (s, group_lrs, want)
+    # the schedule really changes the rate (except the constant one), so the comparison is not vacuous
+    if name != "constant" or warmup:
+        assert len({round(v, 12) for v in expected}) > 1
+    # the logged lr at a log point is the rate of the step just taken
+    logged = [(r["step"], r["lr"]) for r in t.history if r["split"] == "train"]
+    assert [s for s, _ in logged] == [5, 10, 15, 16]
+    for step, lr in logged:
+        assert lr == pytest.approx(expected[step - 1], rel=1e-12, abs=1e-15)
+
+
+def test_warmup_starts_at_warmup_start_lr_and_reaches_lr():
+    events = Events()
+    trainer(MLP(), make_data(40), batch_size=4, max_steps=8, optimizer="sgd", lr=LR, warmup_steps=4,
+            warmup_start_lr=START, callbacks=[events]).fit()
+    lrs = [g[0] for g in events.lrs]
+    assert lrs[0] == pytest.approx(START)
+    assert lrs[4] == pytest.approx(LR)
+    assert lrs[:5] == pytest.approx([START + (LR - START) * s / 4 for s in range(5)])
+    assert lrs[4:] == pytest.approx([LR] * 4)
+
+
+def test_schedule_with_max_epochs_uses_the_run_length():
+    events = Events()
+    # 40 items, batch 8: 5 steps per epoch, 3 epochs -> 15 steps
+    t = trainer(MLP(), make_data(40), batch_size=8, max_epochs=3, optimizer="sgd", lr=LR, schedule="linear",
+                callbacks=[events])
+    t.fit()
+    assert t.step == 15
+    assert [g[0] for g in events.lrs] == pytest.approx([LR * (1 - s / 15) for s in range(15)])
+
+
+def test_rate_applies_to_every_param_group_of_an_optimizer_instance():
+    model = MLP()
+    opt = torch.optim.SGD([{"params": model.net[0].parameters()}, {"params": model.net[2].parameters()}], lr=LR)
+    events = Events()
+    t = trainer(model, make_data(40), batch_size=4, max_steps=6, optimizer=opt, lr=LR, schedule="linear",
+                callbacks=[events])
+    assert t.optimizer is opt
+    t.fit()
+    for s, group_lrs in enumerate(events.lrs):
+        assert group_lrs == pytest.approx([LR * (1 - s / 6)] * 2)
+
+
+def test_rate_really_drives_the_update():
+    """With SGD and the rate of step 1 at zero, step 1 leaves the weights unchanged."""
+    model = MLP()
+    snapshots: list[list[torch.Tensor]] = []
+
+    class Snap:
+        def on_step_end(self, trainer):
+            snapshots.append([p.detach().clone() for p in trainer.model.parameters()])
+
+    trainer(model, make_data(40), batch_size=4, max_steps=3, optimizer="sgd", lr=LR,
+            schedule=lambda s: 0.0 if s == 1 else 1.0, callbacks=[Snap()]).fit()
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))
+
+
+# ----------------------------------------------------------------------------------------------- Schedule itself
+def test_schedule_unit_values():
+    lin = Schedule(1.0, "linear", max_steps=10)
+    assert [lin(s) for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
+    assert lin(10) == pytest.approx(0.0)
+    assert lin(25) == pytest.approx(0.0)  # past the end it stays at min_lr
+
+    cos = Schedule(1.0, "cosine", max_steps=10, min_lr=0.2)
+    assert cos(0) == pytest.approx(1.0)
+    assert cos(5) == pytest.approx(0.6)
+    assert cos(10) == pytest.approx(0.2)
+    assert cos(100) == pytest.approx(0.2)
+
+    warm = Schedule(1.0, "cosine", warmup_steps=4, warmup_start_lr=0.2, max_steps=14)
+    assert [warm(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert warm(9) == pytest.approx(0.5)
+
+    multi = Schedule(2.0, "multistep", milestones=(3, 6), gamma=0.5)
+    assert [multi(s) for s in range(8)] == pytest.approx([2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5])
+
+    const = Schedule(0.3)
+    assert [const(s) for s in (0, 1, 1000)] == [0.3, 0.3, 0.3]
+
+    calls: list[int] = []
+
+    def factor(s: int) -> float:
+        calls.append(s)
+        return 1.0 / (s + 1)
+
+    fn = Schedule(1.0, factor, warmup_steps=2)
+    assert [fn(s) for s in range(5)] == pytest.approx([0.0, 0.5, 1 / 3, 1 / 4, 1 / 5])
+    assert calls == [2, 3, 4]  # the callable is not consulted during warm-up, and gets the absolute step
+
+
+@pytest.mark.parametrize("name,extra", CASES, ids=CASE_IDS)
+def test_schedule_matches_closed_form_everywhere(name, extra):
+    kw = dict(warmup_steps=3, warmup_start_lr=START, max_steps=20, **extra)
+    sched = Schedule(LR, name, **kw)
+    for s in range(20):
+        assert sched(s) == pytest.approx(closed_form(s, name=name, lr=LR, **kw), rel=1e-12, abs=1e-15)
+
+
+def test_schedule_is_stateless_and_frozen():
+    sched = Schedule(1.0, "cosine", max_steps=10)
+    forward = [sched(s) for s in range(10)]
+    backward = [sched(s) for s in reversed(range(10))][::-1]
+    assert forward == backward
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sched.lr = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs,pieces",
+    [
+        ({"name": "exp"}, ["schedule='exp'", "constant", "cosine"]),
+        ({"name": "linear"}, ["schedule='linear'", "max_steps"]),
+        ({"name": "cosine"}, ["schedule='cosine'", "max_steps"]),
+        ({"name": "cosine", "max_steps": 10, "min_lr": -1.0}, ["min_lr=-1.0"]),
+        ({"name": "multistep"}, ["milestones=()"]),
+        ({"name": "multistep", "milestones": (5, 2)}, ["milestones=(5, 2)", "increasing"]),
+        ({"warmup_steps": -1}, ["warmup_steps=-1"]),
+        ({"warmup_steps": 11, "max_steps": 10}, ["warmup_steps=11", "max_steps=10"]),
+    ],
+)
+def test_schedule_bad_arguments(kwargs, pieces):
+    with pytest.raises(ConfigError) as info:
+        Schedule(1.0, **kwargs)
+    for piece in pieces:
+        assert piece in str(info.value)
