@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .errors import bad
 
 
@@ -63,22 +61,3 @@ def check_basic(a: dict[str, Any]) -> None:
     if a["max_steps"] is not None and a["warmup_steps"] > a["max_steps"]:
         raise bad("warmup_steps", a["warmup_steps"],
                   f"it is longer than max_steps={a['max_steps']}; lower warmup_steps or raise max_steps.")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is cuda, then mps, then cpu; anything else must be available here."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise bad("device", device, 'use "auto", "cpu", "cuda", "cuda:N" or "mps".') from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise bad("device", device, 'no CUDA device is available here; use device="auto" or "cpu".')
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise bad("device", device, 'MPS is not available here; use device="auto" or "cpu".')
-    return dev

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,11 +17,14 @@ from .precision import Precision
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, move: Callable[[Any], Any],
-             forward: Forward | None, metric_fns: Mapping[str, Callable[[Any, Any], Any]]) -> dict[str, float]:
-    """Means weighted by batch size (or ``num_items``), in eval mode; the model is left in train mode.
+             forward: Forward | None, metric_fns: Mapping[str, Callable[[Any, Any], Any]],
+             inputs: Sequence[str] | None = None,
+             loss_weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Means weighted by batch size (or ``num_items``), in eval mode; the model's mode is restored after.
 
     Sums stay on the device and are read once at the end.
     """
+    was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     total: Any = 0
@@ -29,8 +32,8 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
         for batch in batches:
             batch = move(batch)
             with precision.autocast():
-                raw = call_model(model, batch, forward)
-            out = read_output(raw, training=False)
+                raw = call_model(model, batch, forward, inputs)
+            out = read_output(raw, training=False, loss_weights=loss_weights)
             if out.num_items is not None:
                 weight, loss = out.num_items, out.loss  # already a sum over num_items
             else:
@@ -44,7 +47,7 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
                 sums[k] = v if k not in sums else sums[k] + v
             total = total + weight
     finally:
-        model.train()
+        model.train(was_training)
     if not sums:
         raise bad("val_data", "no batches", "validation yielded nothing; the validation data is empty.")
     read = read_scalars({**sums, "__total__": torch.as_tensor(total)})

@@ -1,18 +1,23 @@
-"""Running means that stay on the device between log points and are read with one host transfer."""
+"""Running means that stay on the device between log points and are read with one host transfer.
+
+Adding a step's value costs a list append (no kernel launch). At a log point every value since the last one
+is read in a single transfer; the host then computes the log window's means and, from the epoch ends marked
+in between, each finished epoch's means, so epoch summaries cost no extra device work or sync.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 
-class RunningMeans:
-    """Collects one scalar tensor per name per step; ``read()`` averages them with a single sync.
-
-    Adding a step costs list appends only (no kernel launch); the tensors are stacked at read time.
-    """
-
+class StepMeans:
     def __init__(self) -> None:
         self._values: dict[str, list[torch.Tensor]] = {}
+        self._marks: list[tuple[int, int, dict[str, int]]] = []  # epoch ends: (step, epoch, list lengths)
+        self._epoch_sums: dict[str, float] = {}
+        self._epoch_counts: dict[str, int] = {}
 
     def add(self, name: str, value: torch.Tensor) -> None:
         values = self._values.get(name)
@@ -21,24 +26,55 @@ class RunningMeans:
         else:
             values.append(value)
 
+    def mark_epoch_end(self, step: int, epoch: int) -> None:
+        """Remember where an epoch ended; its means come out of the next ``read()``."""
+        self._marks.append((step, epoch, {n: len(v) for n, v in self._values.items()}))
+
     def __bool__(self) -> bool:
-        return bool(self._values)
+        return bool(self._values) or bool(self._marks)
 
+    def read(self) -> tuple[dict[str, float], list[tuple[int, int, dict[str, float]]]]:
+        """The means since the last read, and ``(step, epoch, means)`` of every epoch that ended since."""
+        names = [n for n, v in self._values.items() if v]
+        flat = torch.cat([torch.stack(self._values[n]).float().reshape(-1) for n in names]).tolist() if names else []
+        host: dict[str, list[float]] = {}
+        start = 0
+        for n in names:
+            count = len(self._values[n])
+            host[n], start = flat[start:start + count], start + count
+        window = {n: sum(v) / len(v) for n, v in host.items()}
+        epochs = []
+        done = dict.fromkeys(host, 0)
+        for step, epoch, lengths in self._marks:
+            for n in host:
+                self._fold(n, host[n][done[n]:lengths.get(n, 0)])
+                done[n] = lengths.get(n, 0)
+            epochs.append((step, epoch, {n: self._epoch_sums[n] / self._epoch_counts[n]
+                                         for n in self._epoch_sums if self._epoch_counts[n]}))
+            self._epoch_sums, self._epoch_counts = {}, {}
+        for n in host:
+            self._fold(n, host[n][done[n]:])
+        self._values, self._marks = {}, []
+        return window, epochs
+
+    def _fold(self, name: str, values: list[float]) -> None:
+        if values:
+            self._epoch_sums[name] = self._epoch_sums.get(name, 0.0) + sum(values)
+            self._epoch_counts[name] = self._epoch_counts.get(name, 0) + len(values)
+
+    # -- checkpoints: the values not yet read, and the epoch sums so far
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The values not yet read, one stacked tensor per name (for checkpoints)."""
-        return {name: torch.stack(values).detach().to("cpu") for name, values in self._values.items()}
+        return {n: torch.stack(v).detach().to("cpu") for n, v in self._values.items() if v}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._values = {name: list(t.unbind()) for name, t in tensors.items()}
+    def state_json(self) -> dict[str, Any]:
+        return {"marks": self._marks, "epoch_sums": self._epoch_sums, "epoch_counts": self._epoch_counts}
 
-    def read(self) -> dict[str, float]:
-        """The mean of every name since the last read; clears the buffers."""
-        if not self._values:
-            return {}
-        names = list(self._values)
-        means = torch.stack([torch.stack(self._values[n]).float().mean() for n in names])
-        self._values = {}
-        return dict(zip(names, means.tolist()))
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any] | None) -> None:
+        self._values = {n: list(t.unbind()) for n, t in tensors.items()}
+        if state:
+            self._marks = [(int(s), int(e), dict(lengths)) for s, e, lengths in state["marks"]]
+            self._epoch_sums = dict(state["epoch_sums"])
+            self._epoch_counts = {k: int(v) for k, v in state["epoch_counts"].items()}
 
 
 def read_scalars(values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -7,7 +7,8 @@ used; elsewhere PyTorch's own default implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from fnmatch import fnmatch
 from typing import Any, Union
 
 import torch
@@ -60,29 +61,57 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into a decayed group (2+ dims) and an undecayed one (biases, norms).
+def _name(name: str) -> str:
+    return name.replace("_orig_mod.", "")
 
-    Each group carries ``lr``, so an optimizer built by a callable starts at cadence's rate, not its own default.
+
+def check_globs(model: nn.Module, globs: Iterable[str], argument: str) -> None:
+    """Every glob must match at least one parameter name."""
+    names = [_name(n) for n, _ in model.named_parameters()]
+    for glob in globs:
+        if not any(fnmatch(n, glob) for n in names):
+            sample = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            raise bad(argument, glob, f"this glob matches no parameter; parameter names look like: {sample}.")
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float,
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by their options.
+
+    Weight decay goes only to tensors of 2+ dimensions (not biases and norm scales) unless a glob in
+    ``overrides`` (``{"encoder.*": {"lr": 1e-4}, "*.bias": {"weight_decay": 0.0}}``) says otherwise. Each group
+    carries ``lr``, so an optimizer built by a callable starts at cadence's rate, not its own default. A
+    parameter matched by two globs that set the same option to different values is an error.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
-    return groups
+    overrides = dict(overrides or {})
+    check_globs(model, overrides, "param_groups")
+    grouped: dict[tuple, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = _name(name)
+        options: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay if p.ndim >= 2 else 0.0}
+        chosen: dict[str, tuple[str, Any]] = {}
+        for glob, opts in overrides.items():
+            if not fnmatch(name, glob):
+                continue
+            for key, value in opts.items():
+                if key in chosen and chosen[key][1] != value:
+                    raise bad("param_groups", {chosen[key][0]: {key: chosen[key][1]}, glob: {key: value}},
+                              f"both globs match {name!r} and set {key} differently; narrow one of them.")
+                chosen[key] = (glob, value)
+        options.update({k: v for k, (_, v) in chosen.items()})
+        grouped.setdefault(tuple(sorted(options.items())), []).append(p)
+    return [{"params": params, **dict(key)} for key, params in grouped.items()]
 
 
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float, weight_decay: float,
-                    device: torch.device) -> torch.optim.Optimizer:
+                    device: torch.device,
+                    overrides: Mapping[str, Mapping[str, Any]] | None = None) -> torch.optim.Optimizer:
     """An optimizer from a name, a ``param_groups -> Optimizer`` callable, or an instance used as is."""
     if isinstance(spec, torch.optim.Optimizer):
         return spec
-    groups = param_groups(model, lr, weight_decay)
+    groups = param_groups(model, lr, weight_decay, overrides)
     if not groups:
         raise bad("model", type(model).__name__,
                   "it has no trainable parameters (all have requires_grad=False); unfreeze some parameters.")

@@ -8,7 +8,7 @@ entries are parts. A dict with ``"num_items"`` declares ``"loss"`` a sum over th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -25,10 +25,15 @@ class Output(NamedTuple):
     num_items: torch.Tensor | int | None
 
 
-def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
-    """Run the model on ``batch``: ``forward`` if given, else routed by the batch's type."""
+def call_model(model: nn.Module, batch: Any, forward: Forward | None, inputs: Sequence[str] | None = None) -> Any:
+    """Run the model on ``batch``: ``forward`` if given, else routed by the batch's type.
+
+    ``inputs`` names the fields of a tuple batch (or picks those of a dict batch) as keyword arguments.
+    """
     if forward is not None:
         return forward(model, batch)
+    if inputs:
+        return model(**name_fields(batch, inputs))
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     if isinstance(batch, Mapping):
@@ -38,6 +43,19 @@ def call_model(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
     raise bad("batch", type(batch).__name__,
               "cadence routes tuples/lists to model(*batch), dicts to model(**batch) and tensors to "
               "model(batch); for anything else pass forward=callable(model, batch) -> output.")
+
+
+def name_fields(batch: Any, inputs: Sequence[str]) -> dict[str, Any]:
+    if isinstance(batch, Mapping):
+        missing = [k for k in inputs if k not in batch]
+        if missing:
+            raise bad("inputs", tuple(inputs), f"the batch has no fields {missing}; its keys are {sorted(batch)}.")
+        return {k: batch[k] for k in inputs}
+    fields = list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    if len(inputs) > len(fields):
+        raise bad("inputs", tuple(inputs), f"it names {len(inputs)} fields but the batch has {len(fields)}; "
+                  "name at most as many fields as each batch holds.")
+    return dict(zip(inputs, fields))
 
 
 def _scalar(name: str, value: Any) -> torch.Tensor:
@@ -50,10 +68,15 @@ def _scalar(name: str, value: Any) -> torch.Tensor:
     return value.detach().reshape(())
 
 
-def read_output(out: Any, training: bool) -> Output:
-    """Split a model's return value into loss, parts and the optional item count."""
+def read_output(out: Any, training: bool, loss_weights: Mapping[str, float] | None = None) -> Output:
+    """Split a model's return value into loss, parts and the optional item count.
+
+    With ``loss_weights``, the loss is the weighted sum of those parts (with their gradients).
+    """
     parts: dict[str, torch.Tensor] = {}
     num_items = None
+    if loss_weights:
+        return _weighted(out, training, loss_weights)
     if isinstance(out, torch.Tensor):
         loss = out
     elif isinstance(out, Mapping):
@@ -79,3 +102,26 @@ def read_output(out: Any, training: bool) -> Output:
                   "it is not connected to any trainable parameter; compute it from the model's outputs and "
                   "don't detach it or run under torch.no_grad().")
     return Output(loss, parts, num_items)
+
+
+def _weighted(out: Any, training: bool, loss_weights: Mapping[str, float]) -> Output:
+    if isinstance(out, Mapping):
+        raw = {k: v for k, v in out.items() if k not in ("loss", "num_items")}
+        num_items = out.get("num_items")
+    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], Mapping):
+        raw, num_items = dict(out[1]), None
+    else:
+        raise bad("model output", type(out).__name__, "with loss_weights the model must return its parts: a dict "
+                  "of named scalar losses, or (loss, parts).")
+    missing = [k for k in loss_weights if k not in raw]
+    if missing:
+        raise bad("loss_weights", dict(loss_weights), f"the model never returns the parts {missing}; it returns "
+                  f"{sorted(raw)}.")
+    for name in loss_weights:
+        if not isinstance(raw[name], torch.Tensor) or raw[name].ndim != 0:
+            _scalar(name, raw[name])  # raises the standard message
+    loss = sum(float(w) * raw[k] for k, w in loss_weights.items())
+    if training and not loss.requires_grad:
+        raise bad("model output loss", "a tensor with no grad", "the weighted parts are not connected to any "
+                  "trainable parameter; return them undetached.")
+    return Output(loss, {k: _scalar(k, v) for k, v in raw.items()}, num_items)

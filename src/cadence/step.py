@@ -1,14 +1,16 @@
 """The training step: one optimizer step over a list of micro-batches, read top to bottom.
 
 Each micro-batch's loss is weighted by its share of the step's items, so ``grad_accum`` micro-batches give
-the gradient of the mean over the whole step (a short last batch included). When the model reports
+the gradient of the mean over the whole step (a short last batch included). With several sources, each
+source's mean loss is multiplied by its weight and the results are summed. When the model reports
 ``num_items``, its loss is a sum: the gradients are divided by the step's total items once all micro-batches
-are in. Nothing here reads a device value: the returned loss and parts stay on the device.
+are in. Nothing here reads a device value (but the finite check on the CPU, where it costs no sync): the
+returned loss and parts stay on the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +18,14 @@ import torch
 from torch import nn
 
 from .data.loading import batch_size_of
+from .data.sources import Draw
 from .outputs import Forward, call_model, read_output
 from .precision import Precision
 
 
 @dataclass
 class StepParts:
-    """Everything the step touches, built once by the trainer."""
+    """Everything the step touches, built by the trainer."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -31,51 +34,69 @@ class StepParts:
     max_grad_norm: float | None
     forward: Forward | None
     move: Callable[[Any], Any]
-    check_finite: bool = True  # read the loss on the host to skip a non-finite step (free on the CPU)
+    check_finite: bool = True  # read the loss on the host to skip a non-finite step
+    inputs: Sequence[str] | None = None
+    loss_weights: Mapping[str, float] | None = None
 
 
-def train_step(p: StepParts, micro_batches: Sequence[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                     torch.Tensor | None, int, bool]:
+def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                              torch.Tensor | None, int, bool]:
     """Forward, backward, clip and step; returns ``(loss, parts, grad_norm, samples, stepped)``.
 
     ``loss``, ``parts`` and ``grad_norm`` stay on the device; ``samples`` is the step's number of samples;
     ``stepped`` is False when a non-finite loss left the weights and the optimizer untouched.
     """
-    sizes = [batch_size_of(b) for b in micro_batches]
-    n_step = sum(sizes)
     scaler = p.precision.scaler
-    loss_sum: torch.Tensor | None = None
+    loss_sum: Any = None
     parts_sum: dict[str, torch.Tensor] = {}
     item_total: Any = 0
+    samples = 0
     counted = False  # True when the model reports num_items (a summed loss)
 
-    for batch, n in zip(micro_batches, sizes):
-        with p.precision.autocast():
-            out = read_output(call_model(p.model, p.move(batch), p.forward), training=True)
-        if out.num_items is not None:
-            counted, weight, loss = True, out.num_items, out.loss
-            item_total = item_total + out.num_items
-        else:
-            weight = n / n_step
-            loss = out.loss if weight == 1 else out.loss * weight
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for source, source_weight, micro_batches in draws:
+        sizes = [batch_size_of(b) for b in micro_batches]
+        n_source = sum(sizes)
+        samples += n_source
+        prefix = f"{source}/" if source is not None else ""
+        source_loss: Any = None
+        for batch, n in zip(micro_batches, sizes):
+            with p.precision.autocast():
+                raw = call_model(p.model, p.move(batch), p.forward, p.inputs)
+                out = read_output(raw, training=True, loss_weights=p.loss_weights)
+            if out.num_items is None:
+                share: Any = n / n_source  # this micro-batch's part of its source's mean
+                factor = share * source_weight
+            else:
+                counted, share = True, out.num_items  # a sum: divided by the step's items below
+                item_total = item_total + share
+                factor = source_weight
+            loss = out.loss if factor == 1 else out.loss * factor
+            (scaler.scale(loss) if scaler is not None else loss).backward()
 
-        loss = loss.detach()
-        loss_sum = loss if loss_sum is None else loss_sum + loss
-        for name, value in out.parts.items():
-            value = value if weight == 1 else value * weight
-            parts_sum[name] = value if name not in parts_sum else parts_sum[name] + value
+            loss = loss.detach()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            whole = out.num_items is None and share == 1
+            if prefix:
+                mean = out.loss.detach() if whole else out.loss.detach() * share
+                source_loss = mean if source_loss is None else source_loss + mean
+            for name, value in out.parts.items():
+                value = value if whole else value * share
+                key = prefix + name
+                parts_sum[key] = value if key not in parts_sum else parts_sum[key] + value
+        if prefix and source_loss is not None:
+            parts_sum[prefix + "loss"] = source_loss
 
     if counted:  # the losses were sums: turn the summed gradient into the gradient of the step's mean
         total = torch.as_tensor(item_total, dtype=torch.float32, device=loss_sum.device)
         grads = [q.grad for q in p.params if q.grad is not None]
-        torch._foreach_div_(grads, total.to(grads[0].dtype) if grads else total)
+        if grads:
+            torch._foreach_div_(grads, total.to(grads[0].dtype))
         loss_sum = loss_sum / total
         parts_sum = {k: v / total for k, v in parts_sum.items()}
 
     if p.check_finite and not torch.isfinite(loss_sum):
         p.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, parts_sum, None, sum(sizes), False
+        return loss_sum, parts_sum, None, samples, False
 
     if scaler is not None:
         scaler.unscale_(p.optimizer)  # clip the true gradients, not the scaled ones
@@ -88,4 +109,4 @@ def train_step(p: StepParts, micro_batches: Sequence[Any]) -> tuple[torch.Tensor
     else:
         p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, parts_sum, grad_norm, sum(sizes), True
+    return loss_sum, parts_sum, grad_norm, samples, True

@@ -1,45 +1,34 @@
 """The ``Trainer``: checks its arguments, builds the parts, and runs the outer loop.
 
 The outer loop reads like a hand-written one: take the next step's micro-batches, set the learning rate,
-run :func:`~cadence.step.train_step`, then, at their points, log, validate and save. The step itself never
-calls loggers, callbacks or checkpoints.
+run :func:`~cadence.step.train_step`, then, at their points, update the EMA, log, validate and save. The step
+itself never calls loggers, callbacks or checkpoints.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import callbacks as cbs
-from .arguments import check_basic, resolve_device
+from .arguments import check_basic
 from .checkpoint import Checkpoints
 from .checkpoint.snapshot import Saver, capture, restore
 from .checkpoint.store import find_resume
-from .data.loading import (
-    InMemory,
-    StepStream,
-    as_in_memory,
-    eval_batches,
-    is_map_style,
-    stream_in_memory,
-    stream_loader,
-    stream_map_style,
-)
-from .data.order import DataOrder
-from .data.split import split
+from .data.build import DataSettings, prepare
+from .data.loading import eval_batches
+from .device import mover, resolve_device, seed_everything
+from .ema import EMA
 from .errors import bad
 from .evaluate import evaluate
 from .history import History, Metrics
 from .loggers.jsonl import JsonlLogger
-from .metrics import RunningMeans
+from .metrics import StepMeans
 from .optim import OptimizerSpec, build_optimizer
 from .outputs import Forward
 from .precision import Precision
@@ -47,7 +36,9 @@ from .progress import Progress
 from .rundir import claim_run_dir, records_until
 from .schedule import Schedule
 from .signals import StopSignals
+from .stages import Stage, StagePlan
 from .step import StepParts, train_step
+from .stopping import EarlyStopping, should_stop
 from .weights import save_weights
 
 # Keys of the loss and the gradient norm among the running means: they cannot clash with a part's name.
@@ -100,6 +91,19 @@ class Trainer:
         async_checkpoint: copy the state off the device and write the files in a background thread.
         on_nonfinite: "raise" at a non-finite loss, or "skip" the step (weights and optimizer untouched).
         max_nonfinite: with "skip", raise after this many non-finite steps in a row.
+        ema: an EMA(...) of the weights, updated after every optimizer step.
+        validate_on: validate the "model", the "ema" copy, or "both" (the EMA's metrics as val_ema/...).
+        early_stopping: EarlyStopping(...) stoppers checked at each validation.
+        stop_when: stop when "any" stopper fires, or only when "all" do.
+        param_groups: {"glob": {"lr": ..., "weight_decay": ...}} options by parameter name.
+        stages: Stage(...) list run in order, each setting what trains and at what rate.
+        mix: with several sources (train_data={"name": data}), "each" (a batch from every source per step)
+            or "sample" (each step from one source, picked by weight).
+        source_weights: {"name": weight}: loss weights ("each") or draw probabilities ("sample").
+        sampler: "random" (the data order contract), "sequential", or "balanced" (with balance_by).
+        balance_by: callable(item) -> label; balanced sampling draws every label equally often.
+        inputs: names of a tuple batch's fields, passed to forward as keyword arguments.
+        loss_weights: {"part": weight}: the loss is the weighted sum of these parts.
     """
 
     def __init__(
@@ -147,6 +151,18 @@ class Trainer:
         async_checkpoint: bool = False,
         on_nonfinite: str = "raise",
         max_nonfinite: int = 10,
+        ema: EMA | None = None,
+        validate_on: str = "model",
+        early_stopping: Sequence[EarlyStopping] = (),
+        stop_when: str = "any",
+        param_groups: Mapping[str, Mapping[str, Any]] | None = None,
+        stages: Sequence[Stage] | None = None,
+        mix: str | None = None,
+        source_weights: Mapping[str, float] | None = None,
+        sampler: str | None = None,
+        balance_by: Callable[[Any], Hashable] | None = None,
+        inputs: Sequence[str] | None = None,
+        loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         check_basic(dict(locals()))
         if not isinstance(model, nn.Module):
@@ -154,43 +170,61 @@ class Trainer:
         self.device = resolve_device(device)
         self.precision = Precision(precision, self.device)
         self.model = model.to(self.device)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in model.parameters()) and not stages:
             raise bad("model", type(model).__name__, "it has no trainable parameters (all have "
                       "requires_grad=False); unfreeze the parameters that should train.")
-        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.batch_size, self.grad_accum, self.seed, self.world_size = batch_size, grad_accum, seed, 1
         self.collate_fn, self.num_workers = collate_fn, num_workers
         self.log_every, self.val_every, self.checkpoint_every = log_every, val_every, checkpoint_every
-        self.forward = forward
-        self.metric_fns = dict(metrics or {})
+        self.forward, self.metric_fns = forward, dict(metrics or {})
 
-        train_data, val_data = self._split(train_data, val_data, valid_frac, split_by, split_seed)
-        self.val_data = val_data
-        self.data_length = len(train_data) if is_map_style(train_data) else None
-        self.stream = self._stream(train_data, drop_last, shuffle)
+        settings = DataSettings(batch_size, grad_accum, seed, shuffle, drop_last, collate_fn, num_workers,
+                                self.device.type == "cuda", sampler, balance_by, self.world_size)
+        data = prepare(train_data, val_data, settings, valid_frac=valid_frac, split_by=split_by,
+                       split_seed=split_seed, mix=mix, source_weights=source_weights)
+        self.stream, self.val_data, self.data_length = data.stream, data.val_data, data.length
         self.steps_per_epoch = self.stream.steps_per_epoch
+        if max_epochs is not None and not self.stream.single:
+            raise bad("max_epochs", max_epochs, "with several training sources an epoch is not defined; use "
+                      "max_steps.")
+        self.stage_plan = StagePlan(stages, self.steps_per_epoch, model) if stages else None
         self.max_epochs = max_epochs
         self.max_steps = self._total_steps(max_steps, max_epochs)
         if self.max_steps is not None and warmup_steps > self.max_steps:
             raise bad("warmup_steps", warmup_steps, f"the run is only {self.max_steps} steps long; lower "
                       "warmup_steps or lengthen the run.")
-
         self.schedule = Schedule(lr, schedule, warmup_steps, warmup_start_lr, self.max_steps, min_lr,
                                  tuple(milestones), gamma)
-        self.optimizer = build_optimizer(optimizer, model, lr, weight_decay, self.device)
-        self.lr = lr
-        # Each group's own starting rate; the schedule scales it (a group at cadence's lr gets the schedule's rate).
-        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        mover = _mover(self.device)
-        self._move = mover
-        self._parts = StepParts(model, self.optimizer, self.precision, self.params, max_grad_norm, forward,
-                                mover)
 
+        if self.stage_plan is not None and isinstance(optimizer, torch.optim.Optimizer):
+            raise bad("optimizer", type(optimizer).__name__, "stages rebuild the optimizer for each stage; pass "
+                      "its name or a callable param_groups -> Optimizer instead of an instance.")
+        self.lr, self.weight_decay, self._optimizer_spec = lr, weight_decay, optimizer
+        self._param_overrides = dict(param_groups or {})
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.stage_index: int | None = None
+        self._parts = StepParts(model, None, self.precision, [], max_grad_norm, forward, mover(self.device),
+                                inputs=tuple(inputs or getattr(train_data, "inputs", None) or ()) or None,
+                                loss_weights=dict(loss_weights) if loss_weights else None)
+        self._sync_stage()
         if on_nonfinite not in ("raise", "skip"):
             raise bad("on_nonfinite", on_nonfinite, 'use "raise" (stop at a non-finite loss) or "skip".')
         self.on_nonfinite, self.max_nonfinite = on_nonfinite, max_nonfinite
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         self._parts.check_finite = on_nonfinite == "skip" or self.device.type == "cpu"
+
+        if validate_on not in ("model", "ema", "both"):
+            raise bad("validate_on", validate_on, 'use "model", "ema" or "both".')
+        if validate_on != "model" and ema is None:
+            raise bad("validate_on", validate_on, "there is no EMA to validate; pass ema=EMA(...).")
+        if ema is not None and not isinstance(ema, EMA):
+            raise bad("ema", ema, "pass cadence.EMA(beta=...).")
+        self.ema, self.validate_on = ema, validate_on
+        if ema is not None:
+            ema.attach(model)
+        if stop_when not in ("any", "all"):
+            raise bad("stop_when", stop_when, 'use "any" (the first stopper that fires) or "all".')
+        self.early_stopping, self.stop_when = list(early_stopping), stop_when
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if (checkpoint_every or keep_last or keep_best or async_checkpoint) and self.run_dir is None:
@@ -207,58 +241,58 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.progress = Progress(self.max_steps, enabled=progress)
         self.step = 0
-        self.world_size = 1
         self.should_stop = False
         self.stop_reason: str | None = None
         self.history = History()
-        self.running = RunningMeans()
-        self._signals = StopSignals()
+        self.running = StepMeans()
         self.last_val_metrics: dict[str, float] = {}
+        self._signals = StopSignals()
         self._resumed = False
         self._loggers: list[Any] = []
         self._validated_at: int | None = None
 
-    # ----------------------------------------------------------------------------------------- building
-    def _split(self, train: Any, val: Any, valid_frac: float | None, split_by: Any, split_seed: int):
-        mem = as_in_memory(train)
-        data = mem if mem is not None else train
-        if not isinstance(data, DataLoader) and is_map_style(data) and len(data) == 0:
-            raise bad("train_data", f"{type(train).__name__} of length 0", "the training data is empty.")
-        if valid_frac is None:
-            return data, val
-        if mem is None and not is_map_style(train):
-            raise bad("valid_frac", valid_frac, f"{type(train).__name__} cannot be split by index; pass a "
-                      "map-style dataset or tensors, or give val_data instead.")
-        return split(data, valid_frac, split_seed, split_by)
-
-    def _stream(self, data: Any, drop_last: bool, shuffle: bool) -> StepStream:
-        if isinstance(data, DataLoader) or not is_map_style(data):
-            if not isinstance(data, Iterable):
-                raise bad("train_data", type(data).__name__, "pass tensors, a TensorDataset, a map-style "
-                          "Dataset, a DataLoader or an iterable of batches.")
-            return stream_loader(data, self.grad_accum)
-        order = DataOrder(len(data), self.batch_size, self.grad_accum, seed=self.seed, shuffle=shuffle,
-                          drop_last=drop_last)
-        if order.steps_per_epoch == 0:
-            raise bad("batch_size", self.batch_size, f"with drop_last=True, {len(data)} items make no full "
-                      f"step of {order.global_batch} (batch_size * grad_accum); lower batch_size or set "
-                      "drop_last=False.")
-        if isinstance(data, InMemory):
-            return stream_in_memory(data, order)
-        pin = self.device.type == "cuda"
-        return stream_map_style(data, order, self.collate_fn, self.num_workers, pin)
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters the current optimizer trains."""
+        return self._parts.params
 
     def _total_steps(self, max_steps: int | None, max_epochs: int | None) -> int | None:
-        by_epochs = None
+        limits = [max_steps]
         if max_epochs is not None and self.steps_per_epoch is not None:
-            by_epochs = max_epochs * self.steps_per_epoch
-        if max_steps is None:
-            return by_epochs
-        return max_steps if by_epochs is None else min(max_steps, by_epochs)
+            limits.append(max_epochs * self.steps_per_epoch)
+        if self.stage_plan is not None:
+            limits.append(self.stage_plan.total)
+        limits = [x for x in limits if x is not None]
+        return min(limits) if limits else None
+
+    def _sync_stage(self) -> None:
+        """Build the optimizer for the stage of the current step (once, or again when a stage begins)."""
+        index = self.stage_plan.index_at(self.step) if self.stage_plan is not None else 0
+        if index == self.stage_index:
+            return
+        lr, overrides = self.lr, self._param_overrides
+        if self.stage_plan is not None:
+            stage = self.stage_plan.stages[index]
+            self.stage_plan.apply_trainable(self.model, index)
+            lr = stage.lr if stage.lr is not None else lr
+            overrides = {**overrides, **dict(stage.param_groups or {})}
+        old = self.optimizer
+        self.optimizer = build_optimizer(self._optimizer_spec, self.model, lr, self.weight_decay, self.device,
+                                         overrides)
+        if old is not None and old is not self.optimizer:  # parameters that keep training keep their state
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p in old.state:
+                        self.optimizer.state[p] = old.state[p]
+        self.stage_index = index
+        # Each group's own starting rate; the schedule scales it (a group at cadence's lr gets the schedule's rate).
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self._parts.optimizer = self.optimizer
+        self._parts.params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
     # ----------------------------------------------------------------------------------------- the loop
     def fit(self) -> History:
-        """Train until ``max_steps``/``max_epochs`` (or a callback sets ``should_stop``); returns the history.
+        """Train until ``max_steps``/``max_epochs``, early stopping or ``should_stop``; returns the history.
 
         With ``resume``, the newest valid checkpoint is loaded first and training continues bit-for-bit.
         On SIGTERM, SIGINT or SIGUSR1 the current step finishes, a checkpoint is saved (with a ``run_dir``)
@@ -273,14 +307,18 @@ class Trainer:
             self._signals = signals
             try:
                 while not self._done():
-                    micro_batches = self.stream.next_step()
+                    draws = self.stream.next_step()
+                    if self.stage_plan is not None:
+                        self._sync_stage()
                     self._set_lr(self.step)
-                    loss, parts, grad_norm, samples, stepped = train_step(self._parts, micro_batches)
+                    loss, parts, grad_norm, samples, stepped = train_step(self._parts, draws)
                     if not stepped:
                         self._nonfinite(loss)
                         continue
                     self.nonfinite_in_a_row = 0
                     self.step += 1
+                    if self.ema is not None:
+                        self.ema.update(self.step)
                     self._log_samples += samples
                     self.running.add(LOSS, loss)
                     for name, value in parts.items():
@@ -291,11 +329,13 @@ class Trainer:
                         hook(self)
                     self.progress.update(self.step)
 
+                    if self.stream.end_of_epoch and self.stream.single:
+                        self.running.mark_epoch_end(self.step, self.stream.epoch)
                     if self.step % self.log_every == 0:
                         self._log_train()
                     if self._validation_due():
                         self._log_train()
-                        self.validate()
+                        self._check_stopping(self.validate())
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                         self.save_checkpoint()
                 self._log_train()
@@ -315,6 +355,8 @@ class Trainer:
             raise SystemExit(signals.exit_code)
         if self.run_dir is not None:
             save_weights(self.model, self.run_dir / "final" / "model.safetensors")
+            if self.ema is not None:
+                save_weights(self.ema.model, self.run_dir / "final" / "ema.safetensors")
         for hook in cbs.bind(self.callbacks, "on_fit_end"):
             hook(self)
         return self.history
@@ -328,7 +370,7 @@ class Trainer:
             restore(self, folder)
             self._resumed = True
         elif self.step == 0:
-            _seed_everything(self.seed)
+            seed_everything(self.seed)
         if self.run_dir is not None and not self._loggers:
             path = self.run_dir / "metrics.jsonl"
             if self.resume is not None:
@@ -379,10 +421,25 @@ class Trainer:
             return self.step % self.val_every == 0
         return self.stream.end_of_epoch
 
+    def _check_stopping(self, metrics: dict[str, float]) -> None:
+        reason = should_stop(self.early_stopping, metrics, self.stop_when)
+        if reason is not None:
+            self.should_stop, self.stop_reason = True, reason
+            self.progress.message(f"step {self.step}: {reason}")
+            self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "stop",
+                        "reason": reason})
+
     def _log_train(self) -> None:
+        """Read the running means (one transfer) and log them; also the summary of each epoch that ended."""
         if not self.running:
             return
-        values = self.running.read()
+        values, epochs = self.running.read()
+        for step, epoch, means in epochs:  # the mean of the loss and every part over a whole epoch
+            means.pop(GRAD_NORM, None)
+            self._emit({"step": step, "epoch": epoch, "split": "train_epoch", "loss": means.pop(LOSS),
+                        "parts": means})
+        if not values:
+            return
         now = time.perf_counter()
         record = {
             "step": self.step,
@@ -408,19 +465,28 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- validation
     def validate(self) -> Metrics:
-        """Average loss, parts and metrics over the validation data (eval mode, no grad); logs them."""
+        """Average loss, parts and metrics over the validation data (eval mode, no grad); logs them.
+
+        With ``validate_on="ema"`` the EMA copy is measured; with ``"both"``, its metrics come as ``val_ema/*``.
+        """
         if self.val_data is None:
             raise bad("val_data", None, "there is no validation data; pass val_data or valid_frac.")
-        batches = eval_batches(self.val_data, self.batch_size, self.collate_fn, self.num_workers,
-                               self.device.type == "cuda")
-        means = evaluate(self.model, batches, self.precision, self._move, self.forward, self.metric_fns)
-        result = Metrics({f"val/{k}": v for k, v in means.items()})
+        targets = {"model": [("val", self.model)], "ema": [("val", None)],
+                   "both": [("val", self.model), ("val_ema", None)]}[self.validate_on]
+        result = Metrics()
+        for split, model in targets:
+            model = model if model is not None else self.ema.model
+            batches = eval_batches(self.val_data, self.batch_size, self.collate_fn, self.num_workers,
+                                   self.device.type == "cuda")
+            means = evaluate(model, batches, self.precision, self._parts.move, self.forward, self.metric_fns,
+                             self._parts.inputs, self._parts.loss_weights)
+            result.update({f"{split}/{k}": v for k, v in means.items()})
+            self._emit({"step": self.step, "epoch": self.stream.epoch, "split": split, "loss": means.pop("loss"),
+                        "parts": means})
+        self.model.train()
         self._validated_at = self.step
         self.last_val_metrics = dict(result)
-        record = {"step": self.step, "epoch": self.stream.epoch, "split": "val", "loss": means.pop("loss"),
-                  "parts": means}
-        self._emit(record)
-        self.progress.logged(self.step, {f"val_{k[4:]}": v for k, v in result.items()})
+        self.progress.logged(self.step, {k.replace("/", "_"): v for k, v in result.items()})
         for hook in cbs.bind(self.callbacks, "on_validation_end"):
             hook(self, result)
         return result
@@ -429,35 +495,11 @@ class Trainer:
         """One line: steps, last train loss, last validation metrics, the run folder."""
         parts = [f"done: step={self.step}"]
         train = self.history.last("train")
-        if train is not None:
+        if train is not None and "loss" in train:
             parts.append(f"loss={train['loss']:.4f}")
-        val = self.history.last("val")
-        if val is not None:
-            parts.append(f"val_loss={val['loss']:.4f}")
-            parts += [f"val_{k}={v:.4f}" for k, v in val["parts"].items()]
+        parts += [f"{k.replace('/', '_')}={v:.4f}" for k, v in self.last_val_metrics.items()]
+        if self.stop_reason:
+            parts.append(f"stopped=({self.stop_reason})")
         if self.run_dir is not None:
             parts.append(f"run={self.run_dir}")
         return " ".join(parts)
-
-
-def _mover(device: torch.device) -> Callable[[Any], Any]:
-    if device.type == "cpu":
-        return lambda batch: batch  # data on the host already; no per-step calls at all
-
-    def move(batch: Any) -> Any:
-        if isinstance(batch, torch.Tensor):
-            return batch.to(device, non_blocking=True)
-        if isinstance(batch, Mapping):
-            return {k: move(v) for k, v in batch.items()}
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(move(v) for v in batch) if not hasattr(batch, "_fields") else type(batch)(
-                *(move(v) for v in batch))
-        return batch
-
-    return move
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

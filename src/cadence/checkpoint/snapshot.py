@@ -63,8 +63,13 @@ def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
             "metrics": dict(trainer.last_val_metrics),
             "callbacks": {str(i): cb.state_dict() for i, cb in enumerate(trainer.callbacks)
                           if hasattr(cb, "state_dict")},
+            "early_stopping": [s.state_dict() for s in trainer.early_stopping],
+            "running": trainer.running.state_json(),
+            "stop_reason": trainer.stop_reason,
         },
     }
+    if trainer.ema is not None:
+        files["ema.safetensors"] = own(trainer.ema.state_tensors())
     running = trainer.running.state_tensors()
     if running:
         files["running.safetensors"] = own(running)
@@ -86,6 +91,8 @@ def restore(trainer: Trainer, folder: Path) -> None:
                           "an exact resume needs the same data, batch_size, grad_accum, world size and seed. "
                           "Put them back, or start a new run.")
     load_model(trainer.model, read_tensors(folder / "model.safetensors"), str(folder))
+    trainer.step = int(meta["step"])
+    trainer._sync_stage()  # the optimizer of the stage this step belongs to, before its state is loaded
     load_optimizer(trainer.optimizer, read_tensors(folder / "optimizer.safetensors"),
                    read_json(folder / "optimizer.json"))
     for group in trainer.optimizer.param_groups:  # tensors come back on the CPU; the optimizer expects its device
@@ -97,13 +104,19 @@ def restore(trainer: Trainer, folder: Path) -> None:
     if trainer.precision.scaler is not None and meta.get("scaler"):
         trainer.precision.scaler.load_state_dict(meta["scaler"])
     trainer.stream.load_state_dict(meta["data"])
-    trainer.step = int(meta["step"])
     trainer.nonfinite_in_a_row = int(meta.get("nonfinite", 0))
     trainer.last_val_metrics = dict(meta.get("metrics", {}))
     for index, state in meta.get("callbacks", {}).items():
         trainer.callbacks[int(index)].load_state_dict(state)
-    if (folder / "running.safetensors").exists():
-        trainer.running.load_state_tensors(read_tensors(folder / "running.safetensors"))
+    for stopper, state in zip(trainer.early_stopping, meta.get("early_stopping", [])):
+        stopper.load_state_dict(state)
+    if trainer.ema is not None:
+        if not (folder / "ema.safetensors").exists():
+            raise ConfigError(f"resume={str(folder)!r}: the checkpoint has no EMA weights but this run has ema=...; "
+                              "resume without ema, or start a new run.")
+        trainer.ema.load_state_tensors(read_tensors(folder / "ema.safetensors"))
+    running = folder / "running.safetensors"
+    trainer.running.load_state(read_tensors(running) if running.exists() else {}, meta.get("running"))
 
 
 class Saver:

@@ -59,6 +59,29 @@ def export_parser() -> Any:
     return parser
 
 
+def report_parser() -> Any:
+    from jsonargparse import ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(prog="cadence report", exit_on_error=False,
+                            description="Write one self-contained HTML page with the curves and configs of runs.")
+    parser.add_argument("runs", type=str, nargs="+", help="run folders (several are overlaid)")
+    parser.add_argument("-o", "--output", type=str | None, default=None,
+                        help="the HTML file (default RUN/report.html; required for several runs)")
+    parser.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace an existing output file")
+    return parser
+
+
+def runs_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="cadence runs", exit_on_error=False,
+                            description="List the runs in a folder: status, step, best validation value, wall time.")
+    parser.add_argument("dir", type=str, nargs="?", default="runs", help="a folder of runs, or one run folder")
+    parser.add_argument("--metric", type=str, default="val/loss", help="the validation value to rank by")
+    parser.add_argument("--mode", type=str, default="min", help='"min" (lower is better) or "max"')
+    return parser
+
+
 def root_parser() -> Any:
     from jsonargparse import ArgumentParser
 
@@ -67,6 +90,8 @@ def root_parser() -> Any:
     commands = parser.add_subcommands(required=True, dest="command")
     commands.add_subcommand("fit", fit_parser(), help="train a model (no arguments: the built-in digits demo)")
     commands.add_subcommand("export", export_parser(), help="write a run's weights alone as safetensors")
+    commands.add_subcommand("report", report_parser(), help="write an HTML page with the curves of runs")
+    commands.add_subcommand("runs", runs_parser(), help="list the runs in a folder and their status")
     return parser
 
 
@@ -144,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             from .export import export
 
             return export(cfg.export)
+        if cfg.command == "report":
+            from .report import report
+
+            return report(cfg.report)
+        if cfg.command == "runs":
+            from .runs import runs
+
+            return runs(cfg.runs)
     except ConfigError as err:
         print(f"cadence: error: {err}", file=sys.stderr)
         return 2

@@ -10,12 +10,14 @@ For a map-style dataset of length ``N``:
   ``m`` is piece ``m`` of ``torch.tensor_split(rank_piece, grad_accum)`` (empty pieces of a short last
   batch are skipped).
 
-The position in the data is therefore just ``(epoch, step_in_epoch)``: resuming needs no replay.
+The position in the data is therefore just ``(epoch, step_in_epoch)``: resuming needs no replay. With
+balanced sampling, the permutation is replaced by ``N`` draws with replacement by per-item weight
+(``torch.multinomial(weights, N, replacement=True, generator=...manual_seed(seed + e))``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +32,7 @@ class DataOrder:
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False
+    weights: torch.Tensor | None = field(default=None, compare=False)  # balanced sampling: draw by weight
 
     @property
     def global_batch(self) -> int:
@@ -41,6 +44,9 @@ class DataOrder:
         return full if self.drop_last or rest == 0 else full + 1
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        if self.weights is not None:  # N draws with replacement, seeded the same way
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            return torch.multinomial(self.weights, self.length, replacement=True, generator=gen)
         if not self.shuffle:
             return torch.arange(self.length)
         return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
