@@ -203,6 +203,7 @@ class Trainer:
         self._param_overrides = dict(param_groups or {})
         self.optimizer: torch.optim.Optimizer | None = None
         self.stage_index: int | None = None
+        self.step = 0
         self._parts = StepParts(model, None, self.precision, [], max_grad_norm, forward, mover(self.device),
                                 inputs=tuple(inputs or getattr(train_data, "inputs", None) or ()) or None,
                                 loss_weights=dict(loss_weights) if loss_weights else None)
@@ -240,7 +241,6 @@ class Trainer:
         self._saver = Saver(self.checkpoints, background=async_checkpoint) if self.checkpoints else None
         self.callbacks = list(callbacks)
         self.progress = Progress(self.max_steps, enabled=progress)
-        self.step = 0
         self.should_stop = False
         self.stop_reason: str | None = None
         self.history = History()
