@@ -8,6 +8,7 @@ the resolved config printed by ``--print_config`` replays the same run when fed 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from typing import Any
@@ -157,6 +158,8 @@ def explain(err: Exception, parser: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input)."""
+    if os.getcwd() not in sys.path:  # class paths of the project being trained resolve from where cadence runs
+        sys.path.insert(0, os.getcwd())
     argv = with_defaults(list(sys.argv[1:] if argv is None else argv))
     parser = root_parser()
     try:

@@ -21,6 +21,8 @@ from .plots import Line, svg_plot
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]  # matplotlib's tab10, one per run
+# Line style per split: training solid, validation dashed; any other split (train_epoch, val_ema) its own.
+SPLITS = {"train": "-", "val": "--", "train_epoch": ":"}
 TOP_LEVEL = [("lr", "learning rate", ""), ("samples_per_s", "throughput", "samples / s"),
              ("grad_norm", "gradient norm", "")]
 
@@ -77,16 +79,18 @@ def render(runs: list[Run]) -> str:
 def plots(runs: list[Run]) -> list[str]:
     """One SVG per quantity: loss, each part (train solid, validation dashed), then lr, throughput, grad norm."""
     several = len(runs) > 1
-    parts = sorted({k for r in runs for rec in r.records for k in (rec.get("parts") or {})})
+    records = [rec for r in runs for rec in r.records if "loss" in rec]
+    parts = sorted({k for rec in records for k in (rec.get("parts") or {})})
+    splits = sorted({rec.get("split", "train") for rec in records}, key=lambda s: (s not in SPLITS, s))
     figures = []
     for name in ["loss", *parts]:
         lines = []
         for i, run in enumerate(runs):
-            for split in ("train", "val"):
+            for split in splits:
                 points = metric_series(run.records, f"{split}/{name}")
                 if points:
                     label = f"{run.name} {split}" if several else split
-                    lines.append(Line(label, COLORS[i % len(COLORS)], points, val=split == "val"))
+                    lines.append(Line(label, COLORS[i % len(COLORS)], points, SPLITS.get(split, "-.")))
         if lines:
             figures.append(svg_plot(name, lines, log_if_wide=True))
     for key, title, unit in TOP_LEVEL:

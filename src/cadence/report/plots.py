@@ -14,12 +14,12 @@ Points = list[tuple[int, float]]
 
 @dataclass
 class Line:
-    """One curve: ``points`` as (step, value), drawn in ``color``; validation curves are dashed with dots."""
+    """One curve: ``points`` as (step, value), drawn in ``color`` and ``style`` (dotted unless solid)."""
 
     label: str
     color: str
     points: Points
-    val: bool = False
+    style: str = "-"
 
 
 def svg_plot(title: str, lines: list[Line], ylabel: str = "", log_if_wide: bool = False) -> str:
@@ -34,8 +34,8 @@ def svg_plot(title: str, lines: list[Line], ylabel: str = "", log_if_wide: bool 
         ax = fig.add_subplot()
         for line in lines:
             steps, values = zip(*line.points)
-            ax.plot(steps, values, color=line.color, label=line.label, linewidth=1.6,
-                    linestyle="--" if line.val else "-", marker="o" if line.val else None, markersize=3)
+            ax.plot(steps, values, color=line.color, label=line.label, linewidth=1.6, linestyle=line.style,
+                    marker=None if line.style == "-" else "o", markersize=3)
         values = [v for line in lines for _, v in line.points if v == v]
         if log_if_wide and values and min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
