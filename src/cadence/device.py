@@ -12,11 +12,12 @@ import torch
 from .errors import bad
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is cuda, then mps, then cpu; anything else must be available here."""
+def resolve_device(device: str | torch.device, local_rank: int | None = None) -> torch.device:
+    """``"auto"`` is cuda (``cuda:LOCAL_RANK`` under torchrun), then mps, then cpu; anything else must be
+    available here."""
     if str(device) == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

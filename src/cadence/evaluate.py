@@ -10,7 +10,6 @@ from torch import nn
 
 from .data.loading import batch_size_of
 from .errors import bad
-from .metrics import read_scalars
 from .outputs import Forward, call_model, read_output
 from .precision import Precision
 
@@ -19,10 +18,12 @@ from .precision import Precision
 def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, move: Callable[[Any], Any],
              forward: Forward | None, metric_fns: Mapping[str, Callable[[Any, Any], Any]],
              inputs: Sequence[str] | None = None,
-             loss_weights: Mapping[str, float] | None = None) -> dict[str, float]:
+             loss_weights: Mapping[str, float] | None = None,
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Means weighted by batch size (or ``num_items``), in eval mode; the model's mode is restored after.
 
-    Sums stay on the device and are read once at the end.
+    Sums stay on the device and are read once at the end; with ``all_reduce`` (each rank validating its
+    share) they are summed over the ranks first.
     """
     was_training = model.training
     model.eval()
@@ -50,6 +51,11 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
         model.train(was_training)
     if not sums:
         raise bad("val_data", "no batches", "validation yielded nothing; the validation data is empty.")
-    read = read_scalars({**sums, "__total__": torch.as_tensor(total)})
+    names = [*sums, "__total__"]
+    stacked = torch.stack([v.float().reshape(()) for v in sums.values()]
+                          + [torch.as_tensor(total, dtype=torch.float32, device=next(iter(sums.values())).device)])
+    if all_reduce is not None:
+        stacked = all_reduce(stacked)
+    read = dict(zip(names, stacked.tolist()))
     n = read.pop("__total__")
     return {k: v / n for k, v in read.items()}

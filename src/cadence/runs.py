@@ -91,14 +91,18 @@ def _is_run(path: Path) -> bool:
 
 def status(run_dir: Path, records: list[dict[str, Any]], now: float | None = None,
            active_minutes: float = ACTIVE_MINUTES) -> str:
-    """finished (final weights written after the last record), stopped (by a signal), running, or crashed."""
+    """finished (final weights written after the last record), stopped, running, or crashed.
+
+    stopped: the last record is a ``"stop"`` event (a signal, or early stopping that ended before the final
+    weights were written); running: not finished and ``metrics.jsonl`` changed in the last ``active_minutes``.
+    """
     now = time.time() if now is None else now
     final = run_dir / "final" / "model.safetensors"
     metrics = run_dir / "metrics.jsonl"
     last_write = max((p.stat().st_mtime for p in (metrics, run_dir / "config.yaml") if p.exists()), default=0.0)
     if final.is_file() and final.stat().st_mtime >= last_write - 1.0:
         return "finished"
-    if records and records[-1].get("event") == "stopped":
+    if records and records[-1].get("event") == "stop":  # e.g. {"event": "stop", "reason": "signal 15"}
         return "stopped"
     if now - last_write < active_minutes * 60:
         return "running"

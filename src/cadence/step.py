@@ -10,9 +10,10 @@ returned loss and parts stay on the device.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from .data.loading import batch_size_of
 from .data.sources import Draw
 from .outputs import Forward, call_model, read_output
 from .precision import Precision
+
+if TYPE_CHECKING:
+    from .distributed import Strategy
 
 
 @dataclass
@@ -37,6 +41,7 @@ class StepParts:
     check_finite: bool = True  # read the loss on the host to skip a non-finite step
     inputs: Sequence[str] | None = None
     loss_weights: Mapping[str, float] | None = None
+    strategy: Strategy | None = None  # how ranks agree: no_sync, all-reduce (None: a single process)
 
 
 def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
@@ -53,25 +58,30 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
     samples = 0
     counted = False  # True when the model reports num_items (a summed loss)
 
-    for source, source_weight, micro_batches in draws:
+    world = p.strategy.world_size if p.strategy is not None else 1
+    last = (len(draws) - 1, len(draws[-1].micro_batches) - 1)
+    for d, (source, source_weight, micro_batches, total) in enumerate(draws):
         sizes = [batch_size_of(b) for b in micro_batches]
-        n_source = sum(sizes)
-        samples += n_source
+        samples += sum(sizes)
+        # items of this source's global batch; gradients are averaged over ranks, so a rank's share scales by world
+        total = total if total is not None else sum(sizes) * world
         prefix = f"{source}/" if source is not None else ""
         source_loss: Any = None
-        for batch, n in zip(micro_batches, sizes):
-            with p.precision.autocast():
-                raw = call_model(p.model, p.move(batch), p.forward, p.inputs)
-                out = read_output(raw, training=True, loss_weights=p.loss_weights)
-            if out.num_items is None:
-                share: Any = n / n_source  # this micro-batch's part of its source's mean
-                factor = share * source_weight
-            else:
-                counted, share = True, out.num_items  # a sum: divided by the step's items below
-                item_total = item_total + share
-                factor = source_weight
-            loss = out.loss if factor == 1 else out.loss * factor
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for m, (batch, n) in enumerate(zip(micro_batches, sizes)):
+            sync = p.strategy is None or (d, m) == last  # all-reduce gradients once, after the last micro-batch
+            with contextlib.nullcontext() if sync else p.strategy.no_sync(p.model):
+                with p.precision.autocast():
+                    raw = call_model(p.model, p.move(batch), p.forward, p.inputs)
+                    out = read_output(raw, training=True, loss_weights=p.loss_weights)
+                if out.num_items is None:
+                    share: Any = n * world / total  # this micro-batch's part of its source's mean
+                    factor = share * source_weight
+                else:
+                    counted, share = True, out.num_items  # a sum: divided by the step's items below
+                    item_total = item_total + share
+                    factor = source_weight
+                loss = out.loss if factor == 1 else out.loss * factor
+                (scaler.scale(loss) if scaler is not None else loss).backward()
 
             loss = loss.detach()
             loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -87,14 +97,19 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
             parts_sum[prefix + "loss"] = source_loss
 
     if counted:  # the losses were sums: turn the summed gradient into the gradient of the step's mean
-        total = torch.as_tensor(item_total, dtype=torch.float32, device=loss_sum.device)
+        total_items = torch.as_tensor(item_total, dtype=torch.float32, device=loss_sum.device)
+        if world > 1:  # every rank's items count; the gradients were averaged over ranks, undo that too
+            total_items = p.strategy.all_reduce(total_items.clone()) / world
         grads = [q.grad for q in p.params if q.grad is not None]
         if grads:
-            torch._foreach_div_(grads, total.to(grads[0].dtype))
-        loss_sum = loss_sum / total
-        parts_sum = {k: v / total for k, v in parts_sum.items()}
+            torch._foreach_div_(grads, total_items.to(grads[0].dtype))
+        loss_sum = loss_sum / total_items
+        parts_sum = {k: v / total_items for k, v in parts_sum.items()}
 
-    if p.check_finite and not torch.isfinite(loss_sum):
+    nonfinite = p.check_finite and not torch.isfinite(loss_sum)
+    if world > 1 and p.check_finite:
+        nonfinite = p.strategy.any(nonfinite)  # every rank takes the same branch
+    if nonfinite:
         p.optimizer.zero_grad(set_to_none=True)
         return loss_sum, parts_sum, None, samples, False
 
@@ -103,6 +118,8 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
     grad_norm = None
     if p.max_grad_norm is not None:
         grad_norm = nn.utils.clip_grad_norm_(p.params, p.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm of sharded gradients is a DTensor
+            grad_norm = grad_norm.full_tensor()
     if scaler is not None:
         scaler.step(p.optimizer)  # skipped when the gradients hold an inf or nan
         scaler.update()

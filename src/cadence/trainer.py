@@ -23,6 +23,8 @@ from .checkpoint.store import find_resume
 from .data.build import DataSettings, prepare
 from .data.loading import eval_batches
 from .device import mover, resolve_device, seed_everything
+from .distributed import init_distributed, make_strategy
+from .distributed.env import read_env
 from .ema import EMA
 from .errors import bad
 from .evaluate import evaluate
@@ -104,6 +106,7 @@ class Trainer:
         balance_by: callable(item) -> label; balanced sampling draws every label equally often.
         inputs: names of a tuple batch's fields, passed to forward as keyword arguments.
         loss_weights: {"part": weight}: the loss is the weighted sum of these parts.
+        strategy: "auto" (DDP when torchrun started several processes), "single", "ddp" or "fsdp" (FSDP2).
     """
 
     def __init__(
@@ -163,23 +166,29 @@ class Trainer:
         balance_by: Callable[[Any], Hashable] | None = None,
         inputs: Sequence[str] | None = None,
         loss_weights: Mapping[str, float] | None = None,
+        strategy: str = "auto",
     ) -> None:
         check_basic(dict(locals()))
         if not isinstance(model, nn.Module):
             raise bad("model", type(model).__name__, "pass a torch.nn.Module whose forward returns the loss.")
-        self.device = resolve_device(device)
+        env = read_env()
+        self.device = resolve_device(device, env.local_rank if env.distributed else None)
+        self.env = init_distributed(self.device)
+        self.strategy = make_strategy(strategy, self.env, self.device)
+        self.is_main = self.env.is_main
         self.precision = Precision(precision, self.device)
         self.model = model.to(self.device)
         if not any(p.requires_grad for p in model.parameters()) and not stages:
             raise bad("model", type(model).__name__, "it has no trainable parameters (all have "
                       "requires_grad=False); unfreeze the parameters that should train.")
-        self.batch_size, self.grad_accum, self.seed, self.world_size = batch_size, grad_accum, seed, 1
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.world_size, self.rank = self.env.world_size, self.env.rank
         self.collate_fn, self.num_workers = collate_fn, num_workers
         self.log_every, self.val_every, self.checkpoint_every = log_every, val_every, checkpoint_every
         self.forward, self.metric_fns = forward, dict(metrics or {})
 
         settings = DataSettings(batch_size, grad_accum, seed, shuffle, drop_last, collate_fn, num_workers,
-                                self.device.type == "cuda", sampler, balance_by, self.world_size)
+                                self.device.type == "cuda", sampler, balance_by, self.world_size, self.rank)
         data = prepare(train_data, val_data, settings, valid_frac=valid_frac, split_by=split_by,
                        split_seed=split_seed, mix=mix, source_weights=source_weights)
         self.stream, self.val_data, self.data_length = data.stream, data.val_data, data.length
@@ -204,9 +213,13 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.stage_index: int | None = None
         self.step = 0
+        if self.stage_plan is not None and self.strategy.name == "fsdp":
+            raise bad("stages", "with strategy='fsdp'", "FSDP shards the parameters once; use strategy='ddp' "
+                      "for staged training.")
         self._parts = StepParts(model, None, self.precision, [], max_grad_norm, forward, mover(self.device),
                                 inputs=tuple(inputs or getattr(train_data, "inputs", None) or ()) or None,
-                                loss_weights=dict(loss_weights) if loss_weights else None)
+                                loss_weights=dict(loss_weights) if loss_weights else None,
+                                strategy=self.strategy if self.env.distributed else None)
         self._sync_stage()
         if on_nonfinite not in ("raise", "skip"):
             raise bad("on_nonfinite", on_nonfinite, 'use "raise" (stop at a non-finite loss) or "skip".')
@@ -220,6 +233,8 @@ class Trainer:
             raise bad("validate_on", validate_on, "there is no EMA to validate; pass ema=EMA(...).")
         if ema is not None and not isinstance(ema, EMA):
             raise bad("ema", ema, "pass cadence.EMA(beta=...).")
+        if ema is not None and self.strategy.name == "fsdp":
+            raise bad("ema", ema, "an EMA of FSDP-sharded weights is not supported yet; use strategy='ddp'.")
         self.ema, self.validate_on = ema, validate_on
         if ema is not None:
             ema.attach(model)
@@ -235,12 +250,12 @@ class Trainer:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise bad("keep_last", keep_last, "use a positive number of checkpoints to keep, or None for all.")
         self.resume = resume
-        if self.run_dir is not None and resume is None:
+        if self.run_dir is not None and resume is None and self.is_main:
             claim_run_dir(self.run_dir, overwrite)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", keep_last, keep_best) if self.run_dir else None
-        self._saver = Saver(self.checkpoints, background=async_checkpoint) if self.checkpoints else None
+        self._saver = Saver(self.checkpoints, self.strategy, async_checkpoint) if self.checkpoints else None
         self.callbacks = list(callbacks)
-        self.progress = Progress(self.max_steps, enabled=progress)
+        self.progress = Progress(self.max_steps, enabled=progress and self.is_main)
         self.should_stop = False
         self.stop_reason: str | None = None
         self.history = History()
@@ -276,6 +291,8 @@ class Trainer:
             self.stage_plan.apply_trainable(self.model, index)
             lr = stage.lr if stage.lr is not None else lr
             overrides = {**overrides, **dict(stage.param_groups or {})}
+        if self.env.distributed:  # DDP registers the parameters that train: wrap after choosing them
+            self._parts.model = self.strategy.wrap(self.model)
         old = self.optimizer
         self.optimizer = build_optimizer(self._optimizer_spec, self.model, lr, self.weight_decay, self.device,
                                          overrides)
@@ -354,12 +371,26 @@ class Trainer:
             self.stop_reason = f"signal {signals.received}"
             raise SystemExit(signals.exit_code)
         if self.run_dir is not None:
-            save_weights(self.model, self.run_dir / "final" / "model.safetensors")
-            if self.ema is not None:
-                save_weights(self.ema.model, self.run_dir / "final" / "ema.safetensors")
+            self._save_final()
         for hook in cbs.bind(self.callbacks, "on_fit_end"):
             hook(self)
         return self.history
+
+    def _save_final(self) -> None:
+        """``final/model.safetensors`` (and ``ema.safetensors``): whole tensors, gathered from FSDP shards."""
+        if self.strategy.name == "fsdp":
+            full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
+            if self.is_main:
+                from safetensors.torch import save_file
+
+                (self.run_dir / "final").mkdir(parents=True, exist_ok=True)
+                save_file({k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous() for k, v in full.items()},
+                          str(self.run_dir / "final" / "model.safetensors"))
+            return
+        if self.is_main:
+            save_weights(self.model, self.run_dir / "final" / "model.safetensors")
+            if self.ema is not None:
+                save_weights(self.ema.model, self.run_dir / "final" / "ema.safetensors")
 
     def _start(self) -> None:
         """Resume or seed, open the loggers, start the clocks."""
@@ -371,7 +402,7 @@ class Trainer:
             self._resumed = True
         elif self.step == 0:
             seed_everything(self.seed)
-        if self.run_dir is not None and not self._loggers:
+        if self.run_dir is not None and not self._loggers and self.is_main:
             path = self.run_dir / "metrics.jsonl"
             if self.resume is not None:
                 self.history[:] = records_until(path, self.step)
@@ -402,6 +433,10 @@ class Trainer:
                     "value": float(loss), "skipped_total": self.nonfinite_total})
 
     def _done(self) -> bool:
+        if self.env.distributed:  # a stop or a signal on any rank stops every rank at the same step
+            stop, signum = self.strategy.max_values([float(self.should_stop), float(self._signals.received or 0)])
+            self.should_stop = stop > 0
+            self._signals.received = int(signum) or None
         if self.should_stop or self._signals.received is not None:
             return True
         if self.max_steps is not None and self.step >= self.max_steps:
@@ -433,7 +468,8 @@ class Trainer:
         """Read the running means (one transfer) and log them; also the summary of each epoch that ended."""
         if not self.running:
             return
-        values, epochs = self.running.read()
+        values, epochs = self.running.read(self.strategy.all_reduce if self.env.distributed else None,
+                                           self.world_size)
         for step, epoch, means in epochs:  # the mean of the loss and every part over a whole epoch
             means.pop(GRAD_NORM, None)
             self._emit({"step": step, "epoch": epoch, "split": "train_epoch", "loss": means.pop(LOSS),
@@ -477,9 +513,11 @@ class Trainer:
         for split, model in targets:
             model = model if model is not None else self.ema.model
             batches = eval_batches(self.val_data, self.batch_size, self.collate_fn, self.num_workers,
-                                   self.device.type == "cuda")
-            means = evaluate(model, batches, self.precision, self._parts.move, self.forward, self.metric_fns,
-                             self._parts.inputs, self._parts.loss_weights)
+                                   self.device.type == "cuda", self.rank, self.world_size)
+            call = self._parts.model if model is self.model else model
+            means = evaluate(call, batches, self.precision, self._parts.move, self.forward, self.metric_fns,
+                             self._parts.inputs, self._parts.loss_weights,
+                             self.strategy.all_reduce if self.env.distributed else None)
             result.update({f"{split}/{k}": v for k, v in means.items()})
             self._emit({"step": self.step, "epoch": self.stream.epoch, "split": split, "loss": means.pop("loss"),
                         "parts": means})

@@ -61,28 +61,51 @@ def encode(files: Mapping[str, Any]) -> dict[str, bytes]:
     return out
 
 
+def write_files(folder: Path, files: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Encode and write ``files`` into ``folder``, each fsynced; their manifest entries."""
+    return {name: _write(folder / name, data) for name, data in encode(files).items()}
+
+
+def commit(tmp: Path, folder: Path, entries: dict[str, dict[str, Any]], meta: Mapping[str, Any] | None) -> Path:
+    """Write the manifest into ``tmp``, then rename ``tmp`` to ``folder`` and fsync the parent."""
+    manifest = {"format": FORMAT, "writer": "cadence", "files": entries, **(meta or {})}
+    _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    if folder.exists():  # saving the same step again: the new copy replaces the old one
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    return folder
+
+
+def entries_on_disk(folder: Path) -> dict[str, dict[str, Any]]:
+    """Manifest entries of the files already in ``folder`` (written by several processes)."""
+    out = {}
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        out[path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return out
+
+
+def temp_folder(folder: Path, shared: bool = False) -> Path:
+    """The hidden folder a checkpoint is written into; ``shared`` (several processes) has no pid in its name."""
+    return folder.parent / f"{TMP_PREFIX}{folder.name}" if shared else \
+        folder.parent / f"{TMP_PREFIX}{folder.name}-{os.getpid()}"
+
+
 def write_checkpoint(folder: str | Path, files: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``files`` (name -> tensors or JSON-able) as the checkpoint ``folder``, atomically."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f"{TMP_PREFIX}{folder.name}-{os.getpid()}"
+    tmp = temp_folder(folder)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        encoded = encode(files)
-        entries = {name: _write(tmp / name, data) for name, data in encoded.items()}
-        manifest = {"format": FORMAT, "writer": "cadence", "files": entries, **(meta or {})}
-        _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
-        if folder.exists():  # saving the same step again: the new copy replaces the old one
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        return commit(tmp, folder, write_files(tmp, files), meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
 
 
 def verify(folder: str | Path) -> dict[str, Any]:

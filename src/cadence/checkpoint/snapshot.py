@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from ..weights import clean_state_dict
-from .format import FORMAT, read_json, read_tensors, write_checkpoint
-from .state import load_model, load_optimizer, optimizer_state, rng_state, set_rng_state
+from ..weights import COMPILED_PREFIX, clean_state_dict
+from .format import FORMAT, commit, entries_on_disk, read_json, read_tensors, temp_folder, write_checkpoint, write_files
+from .state import load_local_shards, load_model, load_optimizer, local, optimizer_state, rng_state, set_rng_state
 from .store import Checkpoints
 
 if TYPE_CHECKING:
+    from ..distributed import Strategy
     from ..trainer import Trainer
 
 # Arguments that fix which items each step sees: a resume that changes them cannot be exact.
@@ -39,17 +41,28 @@ def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
     def own(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in tensors.items()} if copy else tensors
 
-    model = clean_state_dict(trainer.model)
-    opt_tensors, opt_meta = optimizer_state(trainer.optimizer)
-    rng_tensors, rng_meta = rng_state()
+    rank = trainer.rank
+    rng = {rng_file(rank, trainer.world_size): rng_state()}
+    sharded = trainer.strategy.name == "fsdp"
+    if sharded:  # every rank writes its own shards of the weights and of the optimizer state
+        opt_tensors, opt_meta = optimizer_state(trainer.optimizer)
+        shards = {k.replace(COMPILED_PREFIX, ""): local(v).detach().to("cpu").clone()
+                  for k, v in trainer.model.state_dict().items()}
+        rng.update({f"model-rank{rank:05d}.safetensors": shards,
+                    f"optimizer-rank{rank:05d}.safetensors": own(opt_tensors),
+                    f"optimizer-rank{rank:05d}.json": opt_meta})
+    if not trainer.is_main:  # replicated state is written once, by rank 0; every rank writes its RNG
+        return rng
+    if not sharded:
+        rng.update({"model.safetensors": own(clean_state_dict(trainer.model))})
+        opt_tensors, opt_meta = optimizer_state(trainer.optimizer)
+        rng.update({"optimizer.safetensors": own(opt_tensors), "optimizer.json": opt_meta})
     identity = run_identity(trainer)
     scaler = trainer.precision.scaler
     files: dict[str, Any] = {
-        "model.safetensors": own(model),
-        "optimizer.safetensors": own(opt_tensors),
-        "optimizer.json": opt_meta,
-        "rng.safetensors": rng_tensors,
+        **rng,
         "trainer.json": {
+            "strategy": trainer.strategy.name,
             "format": FORMAT,
             "cadence_version": __version__,
             "torch_version": torch.__version__,
@@ -57,7 +70,6 @@ def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
             "data": trainer.stream.state_dict(),
             **identity,
             "config_hash": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
-            "rng": rng_meta,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "nonfinite": trainer.nonfinite_in_a_row,
             "metrics": dict(trainer.last_val_metrics),
@@ -90,17 +102,25 @@ def restore(trainer: Trainer, folder: Path) -> None:
         raise ConfigError(f"resume={str(folder)!r}: the run changed since this checkpoint ({'; '.join(changed)}); "
                           "an exact resume needs the same data, batch_size, grad_accum, world size and seed. "
                           "Put them back, or start a new run.")
-    load_model(trainer.model, read_tensors(folder / "model.safetensors"), str(folder))
+    sharded = trainer.strategy.name == "fsdp"
+    if sharded != (meta.get("strategy") == "fsdp"):
+        raise ConfigError(f"resume={str(folder)!r}: saved with strategy {meta.get('strategy')!r}, resumed with "
+                          f"{trainer.strategy.name!r}; use the same strategy.")
+    suffix = f"-rank{trainer.rank:05d}" if sharded else ""
+    if sharded:
+        load_local_shards(trainer.model, read_tensors(folder / f"model{suffix}.safetensors"), str(folder))
+    else:
+        load_model(trainer.model, read_tensors(folder / "model.safetensors"), str(folder))
     trainer.step = int(meta["step"])
     trainer._sync_stage()  # the optimizer of the stage this step belongs to, before its state is loaded
-    load_optimizer(trainer.optimizer, read_tensors(folder / "optimizer.safetensors"),
-                   read_json(folder / "optimizer.json"))
+    load_optimizer(trainer.optimizer, read_tensors(folder / f"optimizer{suffix}.safetensors"),
+                   read_json(folder / f"optimizer{suffix}.json"))
     for group in trainer.optimizer.param_groups:  # tensors come back on the CPU; the optimizer expects its device
         for p in group["params"]:
             for key, value in trainer.optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor) and key != "step" and value.device != p.device:
                     trainer.optimizer.state[p][key] = value.to(p.device)
-    set_rng_state(read_tensors(folder / "rng.safetensors"), meta["rng"])
+    set_rng_state(read_tensors(folder / rng_file(trainer.rank, trainer.world_size)))
     if trainer.precision.scaler is not None and meta.get("scaler"):
         trainer.precision.scaler.load_state_dict(meta["scaler"])
     trainer.stream.load_state_dict(meta["data"])
@@ -119,27 +139,49 @@ def restore(trainer: Trainer, folder: Path) -> None:
     trainer.running.load_state(read_tensors(running) if running.exists() else {}, meta.get("running"))
 
 
-class Saver:
-    """Writes checkpoints, in the calling thread or (``background=True``) in one worker thread at a time."""
+def rng_file(rank: int, world_size: int) -> str:
+    return "rng.safetensors" if world_size == 1 else f"rng-rank{rank:05d}.safetensors"
 
-    def __init__(self, store: Checkpoints, background: bool = False) -> None:
-        self.store = store
-        self.background = background
+
+class Saver:
+    """Writes checkpoints: in the calling thread, in one background thread (``background=True``, a single
+    process), or with several processes (each writes its files into one shared temporary folder, rank 0
+    writes the manifest and commits)."""
+
+    def __init__(self, store: Checkpoints, strategy: Strategy, background: bool = False) -> None:
+        self.store, self.strategy = store, strategy
+        self.background = background and strategy.world_size == 1
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def save(self, step: int, files: dict[str, Any]) -> None:
         self.wait()
-        if not self.background:
+        if self.strategy.world_size > 1:
+            self._write_together(step, files)
+        elif not self.background:
             self._write(step, files)
-            return
-        self._thread = threading.Thread(target=self._write_catching, args=(step, files), daemon=True,
-                                        name="cadence-checkpoint")
-        self._thread.start()
+        else:
+            self._thread = threading.Thread(target=self._write_catching, args=(step, files), daemon=True,
+                                            name="cadence-checkpoint")
+            self._thread.start()
 
     def _write(self, step: int, files: dict[str, Any]) -> None:
         write_checkpoint(self.store.path(step), files, {"step": step})
         self.store.prune()
+
+    def _write_together(self, step: int, files: dict[str, Any]) -> None:
+        folder = self.store.path(step)
+        tmp = temp_folder(folder, shared=True)
+        if self.strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.strategy.barrier()
+        write_files(tmp, files)
+        self.strategy.barrier()
+        if self.strategy.is_main:
+            commit(tmp, folder, entries_on_disk(tmp), {"step": step, "world_size": self.strategy.world_size})
+            self.store.prune()
+        self.strategy.barrier()
 
     def _write_catching(self, step: int, files: dict[str, Any]) -> None:
         try:

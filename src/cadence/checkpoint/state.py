@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,24 @@ def load_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: st
     target.load_state_dict(dict(tensors), strict=True)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a sharded (FSDP2 DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def load_local_shards(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy this rank's saved shards into the model's sharded parameters and buffers, in place."""
+    own = {k.replace(COMPILED_PREFIX, ""): v for k, v in model.state_dict().items()}
+    wrong = sorted(set(own) ^ set(tensors)) + sorted(k for k in set(own) & set(tensors)
+                                                      if local(own[k]).shape != tensors[k].shape)
+    if wrong:
+        raise ConfigError(f"resume={source!r}: this rank's shards do not fit the model ({', '.join(wrong[:10])}); "
+                          "resume with the same model and the same number of processes.")
+    with torch.no_grad():
+        for key, value in own.items():
+            local(value).copy_(tensors[key])
+
+
 # ------------------------------------------------------------------------------------------------ optimizer
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``state_dict()`` split into tensors (``state.<param>.<key>``) and JSON (groups, plain values)."""
@@ -41,7 +60,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     for index, state in sd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().to("cpu")
+                tensors[f"state.{index}.{key}"] = local(value).detach().to("cpu")
             else:
                 plain.setdefault(str(index), {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
@@ -63,6 +82,16 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch
     if len(groups) != len(current) or any(len(g["params"]) != len(c["params"]) for g, c in zip(groups, current)):
         raise ConfigError("resume: the checkpoint's optimizer has different parameter groups from this run's; "
                           "resume with the same model, optimizer and frozen parameters, or start a new run.")
+    params = [p for g in current for p in g["params"]]
+    for index, values in state.items():  # FSDP2: a saved shard becomes a DTensor laid out like its parameter
+        p = params[index] if index < len(params) else None
+        if p is not None and hasattr(p, "to_local"):
+            from torch.distributed.tensor import DTensor
+
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.to_local().shape:
+                    values[key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
+                                                     run_check=False, shape=p.shape, stride=p.stride())
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -71,8 +100,9 @@ def _bytes(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch (CPU and every CUDA device), numpy and python RNG states as uint8 tensors plus small JSON."""
+def rng_state() -> dict[str, torch.Tensor]:
+    """torch (CPU and every CUDA device), numpy and python RNG states as uint8 tensors; the few plain values
+    (numpy's position, python's version) as a JSON string in ``meta``, also bytes."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -82,10 +112,12 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     version, internal, gauss_next = random.getstate()
     tensors["python"] = _bytes(np.asarray(internal, dtype=np.uint32))
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, gauss_next]}
-    return tensors, meta
+    tensors["meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    return tensors
 
 
-def set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+def set_rng_state(tensors: Mapping[str, torch.Tensor]) -> None:
+    meta = json.loads(bytes(tensors["meta"].numpy()).decode())
     torch.set_rng_state(tensors["torch"])
     cuda = sorted(k for k in tensors if k.startswith("cuda."))
     if cuda and torch.cuda.is_available():

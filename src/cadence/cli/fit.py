@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -59,14 +60,19 @@ def run_fit(parser: Any, cfg: Any) -> int:
 
     from ..trainer import Trainer
 
+    rank = int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
     if cfg.resume:
         run_dir = Path(cfg.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume={cfg.resume!r}: no config.yaml there; give the folder of a run that "
                               "cadence fit started.")
     else:
+        if not cfg.run_dir and rank is not None:
+            raise ConfigError("--run-dir=None: with several processes every rank must write into the same folder; "
+                              "pass --run-dir, or launch with cadence fit --nproc N, which picks one for all.")
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-        claim(run_dir, cfg.overwrite)
+        if not rank:  # rank 0 (or a single process) checks and makes the folder; the others only use it
+            claim(run_dir, cfg.overwrite)
     cfg.run_dir = str(run_dir)
     torch.manual_seed(cfg.trainer.seed)  # the model's initial weights are part of the run: seed them too
     init = parser.instantiate(cfg)
@@ -78,7 +84,9 @@ def run_fit(parser: Any, cfg: Any) -> int:
     resolved.config = None
     resolved.overwrite = False
     resolved.resume = None
-    (run_dir / "config.yaml").write_text(parser.dump(resolved, skip_unset=False))
+    if trainer.is_main:
+        (run_dir / "config.yaml").write_text(parser.dump(resolved, skip_unset=False))
     trainer.fit()
-    print(trainer.summary(), flush=True)
+    if trainer.is_main:
+        print(trainer.summary(), flush=True)
     return 0

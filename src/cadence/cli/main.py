@@ -160,7 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input)."""
     if os.getcwd() not in sys.path:  # class paths of the project being trained resolve from where cadence runs
         sys.path.insert(0, os.getcwd())
-    argv = with_defaults(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .launch import wants_launch
+
+    if wants_launch(argv):
+        from .launch import launch
+
+        try:
+            return launch(argv)
+        except ConfigError as err:
+            print(f"cadence: error: {err}", file=sys.stderr)
+            return 2
+    argv = with_defaults(argv)
     parser = root_parser()
     try:
         cfg = parser.parse_args(argv)

@@ -116,8 +116,9 @@ class StepStream:
     """
 
     def __init__(self, epoch_iter: Callable[[int, int], Iterator[Any]], grad_accum: int,
-                 steps_per_epoch: int | None, exact_position: bool) -> None:
+                 steps_per_epoch: int | None, exact_position: bool, order: DataOrder | None = None) -> None:
         self._epoch_iter = epoch_iter
+        self.order = order
         self.grad_accum = grad_accum
         self.steps_per_epoch = steps_per_epoch
         self.exact_position = exact_position  # False: a loader passed in; resuming replays batches
@@ -155,6 +156,13 @@ class StepStream:
         self.end_of_epoch = self._next is _END or self.position == self.steps_per_epoch
         return micro
 
+    def last_total(self) -> int | None:
+        """Items in the global batch (all ranks, all micro-batches) of the step just drawn, when known."""
+        if self.order is None:
+            return None
+        g = self.order.global_batch
+        return min(g, self.order.length - (self.position - 1) * g)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "end_of_epoch": int(self.end_of_epoch)}
 
@@ -174,7 +182,7 @@ def stream_in_memory(data: InMemory, order: DataOrder) -> StepStream:
             for mb in order.micro_batches(perm, i):
                 yield data.take(mb)
 
-    return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True)
+    return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True, order=order)
 
 
 def stream_map_style(data: Dataset, order: DataOrder, collate_fn: Callable | None, num_workers: int,
@@ -192,7 +200,7 @@ def stream_map_style(data: Dataset, order: DataOrder, collate_fn: Callable | Non
         generator.manual_seed(order.seed * 100_003 + epoch)
         return iter(loader)
 
-    return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True)
+    return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True, order=order)
 
 
 def stream_loader(loader: Iterable, grad_accum: int) -> StepStream:
@@ -204,15 +212,17 @@ def stream_loader(loader: Iterable, grad_accum: int) -> StepStream:
 
 
 def eval_batches(data: Any, batch_size: int, collate_fn: Callable | None, num_workers: int,
-                 pin_memory: bool) -> Iterable[Any]:
-    """Validation batches in dataset order."""
+                 pin_memory: bool, rank: int = 0, world_size: int = 1) -> Iterable[Any]:
+    """Validation batches in dataset order; with several processes, rank ``r`` takes piece ``r`` of
+    ``torch.tensor_split(range(N), world_size)``."""
     mem = as_in_memory(data)
-    if mem is not None:
-        idx = torch.arange(len(mem))
-        return (mem.take(idx[i:i + batch_size]) for i in range(0, len(mem), batch_size))
-    if isinstance(data, DataLoader) or not is_map_style(data):
+    if isinstance(data, DataLoader) or (mem is None and not is_map_style(data)):
         return data
+    index = torch.tensor_split(torch.arange(len(mem if mem is not None else data)), world_size)[rank]
+    if mem is not None:
+        return (mem.take(index[i:i + batch_size]) for i in range(0, len(index), batch_size))
+    if world_size > 1:
+        data = torch.utils.data.Subset(data, index.numpy().tolist())
     # A private generator: iterating must not draw from the global RNG (it would shift dropout after a resume).
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate,
-                      generator=torch.Generator(),
-                      num_workers=num_workers, pin_memory=pin_memory)
+                      generator=torch.Generator(), num_workers=num_workers, pin_memory=pin_memory)

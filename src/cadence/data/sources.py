@@ -21,11 +21,13 @@ MIXES = ("each", "sample")
 
 
 class Draw(NamedTuple):
-    """The micro-batches one source gives to one step, with the source's name (None alone) and loss weight."""
+    """The micro-batches one source gives to one step, with the source's name (None alone), its loss weight,
+    and the items of its global batch over all ranks (None when unknown: a loader passed in)."""
 
     source: str | None
     weight: float
     micro_batches: list[Any]
+    total: int | None = None
 
 
 class Sources:
@@ -68,12 +70,17 @@ class Sources:
     def next_step(self) -> list[Draw]:
         self.draws += 1
         if self.single:
-            return [Draw(None, 1.0, self.first.next_step())]
+            return [self._draw(None, 1.0)]
         if self.mix == "each":
-            return [Draw(n, self.weights[n], self.streams[n].next_step()) for n in self.names]
+            return [self._draw(n, self.weights[n]) for n in self.names]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
         name = self.names[int(torch.multinomial(self._probs, 1, generator=gen)[0])]
-        return [Draw(name, 1.0, self.streams[name].next_step())]
+        return [self._draw(name, 1.0)]
+
+    def _draw(self, name: str | None, weight: float) -> Draw:
+        stream = self.streams[name]
+        micro = stream.next_step()
+        return Draw(name, weight, micro, stream.last_total())
 
     def state_dict(self) -> dict[str, Any]:
         if self.single:

@@ -1,0 +1,42 @@
+"""Who this process is, read from the variables torchrun (and ``accelerate launch``) set."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def read_env() -> DistEnv:
+    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device, timeout_s: float = 300.0) -> DistEnv:
+    """Join the process group when launched by torchrun with more than one process (gloo on CPU, nccl on
+    CUDA). A peer that dies or hangs makes every collective fail within ``timeout_s``, never hang forever."""
+    env = read_env()
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
+    return env
