@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 TORCH   := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean report-test
 
 .venv/.demo-ready: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -24,6 +24,13 @@ demo: .venv/.demo-ready
 test: .venv/.dev-ready
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest
+
+# The report drawn by a real browser: installs Debian's chromium when missing, then runs the screenshot test
+# (which fails, rather than skips, when chromium is still missing).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+report-test: .venv/.dev-ready
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+	CADENCE_REQUIRE_CHROMIUM=1 $(PY) -m pytest tests/test_report.py -k chromium -rs
 
 bench: .venv/.dev-ready
 	$(PY) benchmarks/overhead.py
