@@ -61,3 +61,22 @@ def check_basic(a: dict[str, Any]) -> None:
     if a["max_steps"] is not None and a["warmup_steps"] > a["max_steps"]:
         raise bad("warmup_steps", a["warmup_steps"],
                   f"it is longer than max_steps={a['max_steps']}; lower warmup_steps or raise max_steps.")
+    if a["on_nonfinite"] not in ("raise", "skip"):
+        raise bad("on_nonfinite", a["on_nonfinite"], 'use "raise" (stop at a non-finite loss) or "skip".')
+    positive_int("max_nonfinite", a["max_nonfinite"], "use a positive number of non-finite steps in a row.")
+    if a["validate_on"] not in ("model", "ema", "both"):
+        raise bad("validate_on", a["validate_on"], 'use "model", "ema" or "both".')
+    if a["validate_on"] != "model" and a["ema"] is None:
+        raise bad("validate_on", a["validate_on"], "there is no EMA to validate; pass ema=EMA(...).")
+    if a["stop_when"] not in ("any", "all"):
+        raise bad("stop_when", a["stop_when"], 'use "any" (the first stopper that fires) or "all".')
+    if any(a[k] for k in ("checkpoint_every", "keep_last", "keep_best", "async_checkpoint", "resume")) \
+            and a["run_dir"] is None:
+        raise bad("run_dir", None, "checkpoints and resuming need a run folder; pass run_dir=... (--run-dir).")
+    keep_best = a["keep_best"]
+    if keep_best is not None and (len(keep_best) != 2 or keep_best[1] not in ("min", "max")):
+        raise bad("keep_best", keep_best, 'use (metric, "min") or (metric, "max"), e.g. ("val/loss", "min").')
+    positive_int("keep_last", a["keep_last"], "use a positive number of checkpoints to keep, or None for all.",
+                 allow_none=True)
+    if a["ema"] is not None and not hasattr(a["ema"], "attach"):
+        raise bad("ema", a["ema"], "pass cadence.EMA(beta=...).")

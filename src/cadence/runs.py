@@ -1,7 +1,7 @@
 """Reading run folders back: their records, config and status, for ``cadence runs`` and ``cadence report``.
 
 A run folder is what ``cadence fit`` (or ``Trainer(run_dir=...)``) writes: ``config.yaml``, ``metrics.jsonl``,
-``checkpoints/`` and, once training ends, ``final/model.safetensors``. Nothing here imports torch.
+``checkpoints/`` and, once training ends, ``final/model.safetensors``. Nothing here needs the model or data.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from .errors import bad
 
@@ -50,6 +48,8 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
 
 def read_config(run_dir: Path) -> dict[str, Any]:
     """``RUN/config.yaml`` as a dict; empty when the run was started from Python without one."""
+    import yaml  # here, so that the Trainer may import this module and ``import cadence`` stays light
+
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}

@@ -221,34 +221,18 @@ class Trainer:
                                 loss_weights=dict(loss_weights) if loss_weights else None,
                                 strategy=self.strategy if self.env.distributed else None)
         self._sync_stage()
-        if on_nonfinite not in ("raise", "skip"):
-            raise bad("on_nonfinite", on_nonfinite, 'use "raise" (stop at a non-finite loss) or "skip".')
         self.on_nonfinite, self.max_nonfinite = on_nonfinite, max_nonfinite
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         self._parts.check_finite = on_nonfinite == "skip" or self.device.type == "cpu"
 
-        if validate_on not in ("model", "ema", "both"):
-            raise bad("validate_on", validate_on, 'use "model", "ema" or "both".')
-        if validate_on != "model" and ema is None:
-            raise bad("validate_on", validate_on, "there is no EMA to validate; pass ema=EMA(...).")
-        if ema is not None and not isinstance(ema, EMA):
-            raise bad("ema", ema, "pass cadence.EMA(beta=...).")
         if ema is not None and self.strategy.name == "fsdp":
             raise bad("ema", ema, "an EMA of FSDP-sharded weights is not supported yet; use strategy='ddp'.")
         self.ema, self.validate_on = ema, validate_on
         if ema is not None:
             ema.attach(model)
-        if stop_when not in ("any", "all"):
-            raise bad("stop_when", stop_when, 'use "any" (the first stopper that fires) or "all".')
         self.early_stopping, self.stop_when = list(early_stopping), stop_when
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        if (checkpoint_every or keep_last or keep_best or async_checkpoint) and self.run_dir is None:
-            raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
-        if keep_best is not None and (len(keep_best) != 2 or keep_best[1] not in ("min", "max")):
-            raise bad("keep_best", keep_best, 'use (metric, "min") or (metric, "max"), e.g. ("val/loss", "min").')
-        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            raise bad("keep_last", keep_last, "use a positive number of checkpoints to keep, or None for all.")
         self.resume = resume
         if self.run_dir is not None and resume is None and self.is_main:
             claim_run_dir(self.run_dir, overwrite)

@@ -28,10 +28,11 @@ TRACKERS: dict[str, tuple[str, tuple[str, ...], str]] = {
 TOP_LEVEL = ("lr", "grad_norm", "samples_per_s")
 
 
-def check_loggers(names: str | Iterable[str]) -> tuple[str, ...]:
-    """The names, checked (known, package installed) without importing anything; ``"jsonl"`` always first.
+def check_loggers(names: str | Iterable[str], has_run_dir: bool = True) -> tuple[str, ...]:
+    """The names, checked (known, package installed, a run folder to write to) without importing anything.
 
-    Cheap enough to call when the ``Trainer`` is built, so a typo fails before any training.
+    ``"jsonl"`` always comes first. Cheap enough to call when the ``Trainer`` is built, so a typo or a
+    missing package fails before any training.
     """
     given = (names,) if isinstance(names, str) else tuple(names)
     for name in given:
@@ -43,7 +44,11 @@ def check_loggers(names: str | Iterable[str]) -> tuple[str, ...]:
         if missing:
             raise bad("loggers", list(given), f"{name!r} needs the package(s) {', '.join(missing)}, which are "
                       f'not installed; run pip install "cadence[{extra}]", or leave {name!r} out.')
-    return tuple(dict.fromkeys(("jsonl", *given)))
+    checked = tuple(dict.fromkeys(("jsonl", *given)))
+    if not has_run_dir and len(checked) > 1:
+        raise bad("loggers", list(given), "trackers write into the run folder; pass run_dir=... (--run-dir), or "
+                  "leave out " + ", ".join(checked[1:]) + ".")
+    return checked
 
 
 def build_loggers(names: str | Iterable[str], run_dir: str | Path | None,
@@ -53,12 +58,8 @@ def build_loggers(names: str | Iterable[str], run_dir: str | Path | None,
     ``start_step`` is the step training starts (or resumes) from: TensorBoard hides what an earlier attempt
     logged after it. Call on rank 0 only. Without a run folder nothing is written, and trackers are refused.
     """
-    checked = check_loggers(names)
+    checked = check_loggers(names, has_run_dir=run_dir is not None)
     if run_dir is None:
-        trackers = [n for n in checked if n != "jsonl"]
-        if trackers:
-            raise bad("loggers", list(checked), "trackers write into the run folder; pass run_dir=... "
-                      "(--run-dir), or leave out " + ", ".join(trackers) + ".")
         return []
     run_dir = Path(run_dir)
     flat = flatten(config or {})

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import bad
+from ..errors import ConfigError, bad
 from ..loggers.build import flatten
 from ..runs import RunSummary, format_duration, metric_series, read_config, read_records, require_run, summarize
 from .plots import Line, svg_plot
@@ -50,8 +50,8 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
 def write_report(paths: Sequence[str | Path], output: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the report of the runs in ``paths``; returns its path (default ``RUN/report.html`` for one run)."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise bad("report", "matplotlib", 'the report draws its plots with matplotlib, which is not installed; '
-                  'run pip install "cadence[report]".')
+        raise ConfigError('cadence report draws its plots with matplotlib, which is not installed; run pip install '
+                          '"cadence[report]".')
     if not paths:
         raise bad("runs", [], "give at least one run folder.")
     runs = load_runs(paths)
@@ -60,6 +60,8 @@ def write_report(paths: Sequence[str | Path], output: str | Path | None = None, 
             raise bad("--output", None, "a report of several runs needs a file to go to; pass -o compare.html.")
         output = Path(paths[0]) / "report.html"
     output = Path(output)
+    if output.is_dir():
+        raise bad("--output", str(output), "it is a folder; give a file path, e.g. -o compare.html.")
     if output.exists() and not overwrite:
         raise bad("--output", str(output), "the file exists; choose another path with -o or pass --overwrite.")
     output.parent.mkdir(parents=True, exist_ok=True)
