@@ -58,6 +58,9 @@ def check_basic(a: dict[str, Any]) -> None:
     if a["val_every"] is not None and a["val_data"] is None and a["valid_frac"] is None:
         raise bad("val_every", a["val_every"], "there is no validation data; pass val_data or valid_frac, "
                   "or leave val_every as None.")
+    if a.get("early_stopping") and a["val_data"] is None and a["valid_frac"] is None:
+        raise bad("early_stopping", list(a["early_stopping"]), "it watches validation metrics, and there is no "
+                  "validation data; pass val_data or valid_frac.")
     if a["max_steps"] is not None and a["warmup_steps"] > a["max_steps"]:
         raise bad("warmup_steps", a["warmup_steps"],
                   f"it is longer than max_steps={a['max_steps']}; lower warmup_steps or raise max_steps.")

@@ -87,22 +87,25 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     check_globs(model, overrides, "param_groups")
     grouped: dict[tuple, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        name = _name(name)
-        options: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay if p.ndim >= 2 else 0.0}
-        chosen: dict[str, tuple[str, Any]] = {}
-        for glob, opts in overrides.items():
-            if not fnmatch(name, glob):
-                continue
-            for key, value in opts.items():
-                if key in chosen and chosen[key][1] != value:
-                    raise bad("param_groups", {chosen[key][0]: {key: chosen[key][1]}, glob: {key: value}},
-                              f"both globs match {name!r} and set {key} differently; narrow one of them.")
-                chosen[key] = (glob, value)
-        options.update({k: v for k, (_, v) in chosen.items()})
-        grouped.setdefault(tuple(sorted(options.items())), []).append(p)
+        if p.requires_grad:
+            options = {"lr": lr, "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
+                       **options_for(_name(name), overrides)}
+            grouped.setdefault(tuple(sorted(options.items())), []).append(p)
     return [{"params": params, **dict(key)} for key, params in grouped.items()]
+
+
+def options_for(name: str, overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The options the globs of ``overrides`` set for parameter ``name``; two globs that disagree are an error."""
+    chosen: dict[str, tuple[str, Any]] = {}
+    for glob, opts in overrides.items():
+        if not fnmatch(name, glob):
+            continue
+        for key, value in opts.items():
+            if key in chosen and chosen[key][1] != value:
+                raise bad("param_groups", {chosen[key][0]: {key: chosen[key][1]}, glob: {key: value}},
+                          f"both globs match {name!r} and set {key} differently; narrow one of them.")
+            chosen[key] = (glob, value)
+    return {k: v for k, (_, v) in chosen.items()}
 
 
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float, weight_decay: float,

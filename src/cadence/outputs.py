@@ -65,7 +65,21 @@ def _scalar(name: str, value: Any) -> torch.Tensor:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise bad(f"model output part {name!r}", shape,
                   "every part must be a scalar (a 0-dim tensor or a number); reduce it, e.g. with .mean().")
-    return value.detach().reshape(())
+    leaf = value.is_leaf  # a parameter or buffer (or a value made without grad) may change in place later
+    value = value.detach().reshape(())
+    return value.clone() if leaf else value  # keep this step's value for the log point
+
+
+def _parts(out: Mapping[str, Any], skip: tuple[str, ...], training: bool) -> dict[str, torch.Tensor]:
+    """The scalar entries of a dict output; in validation, other entries (predictions) are left to metrics."""
+    parts = {}
+    for k, v in out.items():
+        if k in skip:
+            continue
+        if not training and isinstance(v, torch.Tensor) and v.numel() != 1:
+            continue
+        parts[k] = _scalar(k, v)
+    return parts
 
 
 def read_output(out: Any, training: bool, loss_weights: Mapping[str, float] | None = None) -> Output:
@@ -85,7 +99,7 @@ def read_output(out: Any, training: bool, loss_weights: Mapping[str, float] | No
                       "a dict returned by the model must hold the total loss under 'loss'.")
         loss = out["loss"]
         num_items = out.get("num_items")
-        parts = {k: _scalar(k, v) for k, v in out.items() if k not in ("loss", "num_items")}
+        parts = _parts(out, ("loss", "num_items"), training)
     elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], Mapping):
         loss = out[0]
         parts = {k: _scalar(k, v) for k, v in out[1].items()}
@@ -124,4 +138,4 @@ def _weighted(out: Any, training: bool, loss_weights: Mapping[str, float]) -> Ou
     if training and not loss.requires_grad:
         raise bad("model output loss", "a tensor with no grad", "the weighted parts are not connected to any "
                   "trainable parameter; return them undetached.")
-    return Output(loss, {k: _scalar(k, v) for k, v in raw.items()}, num_items)
+    return Output(loss, _parts(raw, (), training), num_items)

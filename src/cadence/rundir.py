@@ -25,8 +25,9 @@ def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def records_until(path: Path, step: int) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` up to ``step``; later ones (after the checkpoint) are dropped from it."""
+def records_until(path: Path, step: int, count: int | None = None) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` written before a checkpoint: its first ``count`` records (or, for a
+    checkpoint that does not say, those up to ``step``); the rest are dropped from the file."""
     if not path.exists():
         return []
     kept = []
@@ -35,7 +36,7 @@ def records_until(path: Path, step: int) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:  # a line cut short by a crash
             continue
-        if record.get("step", 0) <= step:
+        if (count is not None and len(kept) < count) or (count is None and record.get("step", 0) <= step):
             kept.append(record)
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .errors import bad
-from .optim import check_globs
+from .optim import check_globs, options_for
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Stage:
 class StagePlan:
     """Where each stage starts, in optimizer steps."""
 
-    def __init__(self, stages: Sequence[Stage], steps_per_epoch: int | None, model: nn.Module) -> None:
+    def __init__(self, stages: Sequence[Stage], steps_per_epoch: int | None, model: nn.Module,
+                 param_groups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.stages = list(stages)
         self.ends: list[int] = []
         total = 0
@@ -50,6 +51,10 @@ class StagePlan:
             if stage.lr is not None and stage.lr <= 0:
                 raise bad(f"stages[{i}].lr", stage.lr, "use a positive learning rate.")
             check_globs(model, stage.trainable or (), f"stages[{i}].trainable")
+            overrides = {**dict(param_groups or {}), **dict(stage.param_groups or {})}
+            check_globs(model, stage.param_groups or (), f"stages[{i}].param_groups")
+            for name, _ in model.named_parameters():  # disagreeing globs are refused now, not mid-run
+                options_for(name.replace("_orig_mod.", ""), overrides)
             total += length
             self.ends.append(total)
         self.total = total

@@ -29,13 +29,14 @@ from .ema import EMA
 from .errors import bad
 from .evaluate import evaluate
 from .history import History, Metrics
-from .loggers.jsonl import JsonlLogger
+from .loggers.build import build_loggers, check_loggers
 from .metrics import StepMeans
 from .optim import OptimizerSpec, build_optimizer
 from .outputs import Forward
 from .precision import Precision
 from .progress import Progress
 from .rundir import claim_run_dir, records_until
+from .runs import read_config
 from .schedule import Schedule
 from .signals import StopSignals
 from .stages import Stage, StagePlan
@@ -107,6 +108,7 @@ class Trainer:
         inputs: names of a tuple batch's fields, passed to forward as keyword arguments.
         loss_weights: {"part": weight}: the loss is the weighted sum of these parts.
         strategy: "auto" (DDP when torchrun started several processes), "single", "ddp" or "fsdp" (FSDP2).
+        loggers: where records go besides metrics.jsonl: "tensorboard", "wandb", "mlflow" (docs/tracking.md).
     """
 
     def __init__(
@@ -167,7 +169,10 @@ class Trainer:
         inputs: Sequence[str] | None = None,
         loss_weights: Mapping[str, float] | None = None,
         strategy: str = "auto",
+        loggers: Sequence[str] = ("jsonl",),
     ) -> None:
+        self._arguments = {k: v for k, v in dict(locals()).items()
+                           if k not in ("self", "model", "train_data", "val_data", "callbacks", "forward", "metrics")}
         check_basic(dict(locals()))
         if not isinstance(model, nn.Module):
             raise bad("model", type(model).__name__, "pass a torch.nn.Module whose forward returns the loss.")
@@ -196,7 +201,7 @@ class Trainer:
         if max_epochs is not None and not self.stream.single:
             raise bad("max_epochs", max_epochs, "with several training sources an epoch is not defined; use "
                       "max_steps.")
-        self.stage_plan = StagePlan(stages, self.steps_per_epoch, model) if stages else None
+        self.stage_plan = StagePlan(stages, self.steps_per_epoch, model, param_groups) if stages else None
         self.max_epochs = max_epochs
         self.max_steps = self._total_steps(max_steps, max_epochs)
         if self.max_steps is not None and warmup_steps > self.max_steps:
@@ -233,6 +238,7 @@ class Trainer:
         self.early_stopping, self.stop_when = list(early_stopping), stop_when
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.loggers = check_loggers(loggers, has_run_dir=self.run_dir is not None)
         self.resume = resume
         if self.run_dir is not None and resume is None and self.is_main:
             claim_run_dir(self.run_dir, overwrite)
@@ -249,6 +255,8 @@ class Trainer:
         self._resumed = False
         self._loggers: list[Any] = []
         self._validated_at: int | None = None
+        self.records_at_checkpoint: int | None = None
+        self._saved_at: int | None = None
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -264,9 +272,9 @@ class Trainer:
         limits = [x for x in limits if x is not None]
         return min(limits) if limits else None
 
-    def _sync_stage(self) -> None:
-        """Build the optimizer for the stage of the current step (once, or again when a stage begins)."""
-        index = self.stage_plan.index_at(self.step) if self.stage_plan is not None else 0
+    def _sync_stage(self, step: int | None = None) -> None:
+        """Build the optimizer for the stage of ``step`` (default: the next one), once or when a stage begins."""
+        index = self.stage_plan.index_at(self.step if step is None else step) if self.stage_plan is not None else 0
         if index == self.stage_index:
             return
         lr, overrides = self.lr, self._param_overrides
@@ -340,10 +348,14 @@ class Trainer:
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                         self.save_checkpoint()
                 self._log_train()
+                if signals.received is not None:
+                    self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "stop",
+                                "reason": f"signal {signals.received}"})
                 if signals.received is None and self.val_data is not None and self._validated_at != self.step:
                     self.validate()
                 if self.checkpoints is not None:
-                    self.save_checkpoint()
+                    if self._saved_at != self.step:
+                        self.save_checkpoint()
                     self._saver.wait()
             finally:
                 self.progress.close()
@@ -389,8 +401,9 @@ class Trainer:
         if self.run_dir is not None and not self._loggers and self.is_main:
             path = self.run_dir / "metrics.jsonl"
             if self.resume is not None:
-                self.history[:] = records_until(path, self.step)
-            self._loggers.append(JsonlLogger(path))
+                self.history[:] = records_until(path, self.step, self.records_at_checkpoint)
+            config = read_config(self.run_dir) or {"trainer": self._arguments}  # the CLI writes config.yaml first
+            self._loggers = build_loggers(self.loggers, self.run_dir, config, start_step=self.step)
         self._fit_start = self._log_time = time.perf_counter()
         self._log_samples = 0
         self.progress.start(self.step)
@@ -400,6 +413,7 @@ class Trainer:
         if self._saver is None:
             raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
         self._saver.save(self.step, capture(self, copy=self._saver.background))
+        self._saved_at = self.step
         return self.checkpoints.path(self.step)
 
     def _nonfinite(self, loss: torch.Tensor) -> None:

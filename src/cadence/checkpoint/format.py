@@ -71,10 +71,14 @@ def commit(tmp: Path, folder: Path, entries: dict[str, dict[str, Any]], meta: Ma
     manifest = {"format": FORMAT, "writer": "cadence", "files": entries, **(meta or {})}
     _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     _fsync_dir(tmp)
-    if folder.exists():  # saving the same step again: the new copy replaces the old one
-        shutil.rmtree(folder)
+    old = None
+    if folder.exists():  # saving the same step again: the old copy stays whole until the new one is in place
+        old = folder.parent / f"{TMP_PREFIX}old-{folder.name}-{os.getpid()}"
+        os.replace(folder, old)
     os.replace(tmp, folder)
     _fsync_dir(folder.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -118,13 +122,16 @@ def verify(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: no {MANIFEST}; the save did not finish") from None
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder}: {MANIFEST} is unreadable ({err})") from None
-    for name, entry in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: {name} is missing")
-        data = path.read_bytes()
-        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CheckpointError(f"{folder}: {name} does not match its checksum (corrupt or changed)")
+    try:
+        for name, entry in files.items():
+            path = folder / name
+            if not path.is_file():
+                raise CheckpointError(f"{folder}: {name} is missing")
+            data = path.read_bytes()
+            if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise CheckpointError(f"{folder}: {name} does not match its checksum (corrupt or changed)")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}: {MANIFEST} has the wrong shape ({type(err).__name__}: {err})") from None
     return manifest
 
 

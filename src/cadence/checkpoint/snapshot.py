@@ -77,11 +77,16 @@ def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
                           if hasattr(cb, "state_dict")},
             "early_stopping": [s.state_dict() for s in trainer.early_stopping],
             "running": trainer.running.state_json(),
+            "should_stop": trainer.should_stop,
             "stop_reason": trainer.stop_reason,
+            "validated_at": trainer._validated_at,
+            "records": len(trainer.history),
         },
     }
     if trainer.ema is not None:
         files["ema.safetensors"] = own(trainer.ema.state_tensors())
+    if copy:  # a background writer must see the state of this step, not what the loop changes next
+        files["trainer.json"] = json.loads(json.dumps(files["trainer.json"]))
     running = trainer.running.state_tensors()
     if running:
         files["running.safetensors"] = own(running)
@@ -112,7 +117,8 @@ def restore(trainer: Trainer, folder: Path) -> None:
     else:
         load_model(trainer.model, read_tensors(folder / "model.safetensors"), str(folder))
     trainer.step = int(meta["step"])
-    trainer._sync_stage()  # the optimizer of the stage this step belongs to, before its state is loaded
+    # the optimizer of the stage of the last step taken (the one saved); the loop moves on to the next stage
+    trainer._sync_stage(max(trainer.step - 1, 0))
     load_optimizer(trainer.optimizer, read_tensors(folder / f"optimizer{suffix}.safetensors"),
                    read_json(folder / f"optimizer{suffix}.json"))
     for group in trainer.optimizer.param_groups:  # tensors come back on the CPU; the optimizer expects its device
@@ -128,6 +134,9 @@ def restore(trainer: Trainer, folder: Path) -> None:
     trainer.last_val_metrics = dict(meta.get("metrics", {}))
     for index, state in meta.get("callbacks", {}).items():
         trainer.callbacks[int(index)].load_state_dict(state)
+    trainer.should_stop, trainer.stop_reason = bool(meta.get("should_stop")), meta.get("stop_reason")
+    trainer._validated_at = meta.get("validated_at")
+    trainer.records_at_checkpoint = meta.get("records")
     for stopper, state in zip(trainer.early_stopping, meta.get("early_stopping", [])):
         stopper.load_state_dict(state)
     if trainer.ema is not None:

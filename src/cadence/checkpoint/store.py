@@ -51,13 +51,13 @@ class Checkpoints:
                 shutil.rmtree(stray, ignore_errors=True)
         if self.keep_last is None:
             return
-        folders = self.folders()
+        folders = [f for f in self.folders() if _written_by_cadence(f)]  # a user's folder is never counted
         keep = set(folders[-self.keep_last:]) if self.keep_last > 0 else set()
         best = self._best(folders)
         if best is not None:
             keep.add(best)
         for folder in folders:
-            if folder not in keep and _written_by_cadence(folder):
+            if folder not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _best(self, folders: list[Path]) -> Path | None:

@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import default_collate
 
 
-def _pad(values: Sequence[torch.Tensor], value: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pad(values: Sequence[torch.Tensor], value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack tensors of different lengths (first dimension), padding with ``value``; and the mask of real
+    positions. The mask is there even when the lengths happen to be equal, so every batch has one shape."""
     lengths = [v.shape[0] for v in values]
-    if len(set(lengths)) == 1:
-        return torch.stack(list(values)), None
     longest = max(lengths)
     out = values[0].new_full((len(values), longest, *values[0].shape[1:]), value)
     mask = torch.zeros(len(values), longest, dtype=torch.bool)
@@ -25,24 +25,21 @@ def _pad(values: Sequence[torch.Tensor], value: float) -> tuple[torch.Tensor, to
 
 
 def pad_collate(batch: Sequence[Any], value: float = 0.0) -> Any:
-    """Stack items, padding variable-length tensors with ``value`` to the longest.
+    """Stack items, padding tensors that have a length (1+ dimensions) with ``value`` to the longest.
 
-    A dict item gets ``<key>_mask`` (True on real positions) for each padded key; a tuple item gets one mask
-    appended, for its first padded field; a tensor item becomes ``(padded, mask)`` when lengths differ.
-    Fields that are not tensors are collated as PyTorch does by default.
+    A dict item gets ``<key>_mask`` (True on real positions) for each such key; a tuple item gets one mask
+    appended, for its first such field; a tensor item becomes ``(padded, mask)``. Scalars and other fields
+    are collated as PyTorch does by default.
     """
     first = batch[0]
     if isinstance(first, torch.Tensor):
-        padded, mask = _pad(batch, value)
-        return padded if mask is None else (padded, mask)
+        return _pad(batch, value)
     if isinstance(first, Mapping):
         out: dict[str, Any] = {}
         for key in first:
             column = [item[key] for item in batch]
             if isinstance(column[0], torch.Tensor) and column[0].ndim > 0:
-                out[key], mask = _pad(column, value)
-                if mask is not None:
-                    out[f"{key}_mask"] = mask
+                out[key], out[f"{key}_mask"] = _pad(column, value)
             else:
                 out[key] = default_collate(column)
         return out

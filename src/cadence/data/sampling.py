@@ -16,8 +16,8 @@ def balanced_weights(data: Any, balance_by: Callable[[Any], Hashable]) -> torch.
     labels = []
     for i in range(len(data)):
         label = balance_by(data[i])
-        if isinstance(label, torch.Tensor) and label.numel() == 1:
-            label = label.item()
+        if isinstance(label, torch.Tensor):  # a tensor hashes by identity: use its values
+            label = label.item() if label.numel() == 1 else tuple(label.flatten().tolist())
         try:
             hash(label)
         except TypeError:
