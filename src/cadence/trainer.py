@@ -34,6 +34,7 @@ from .metrics import StepMeans
 from .optim import OptimizerSpec, build_optimizer
 from .outputs import Forward
 from .precision import Precision
+from .profiling import StepProfiler
 from .progress import Progress
 from .rundir import claim_run_dir, records_until
 from .runs import read_config
@@ -109,6 +110,7 @@ class Trainer:
         loss_weights: {"part": weight}: the loss is the weighted sum of these parts.
         strategy: "auto" (DDP when torchrun started several processes), "single", "ddp" or "fsdp" (FSDP2).
         loggers: where records go besides metrics.jsonl: "tensorboard", "wandb", "mlflow" (docs/tracking.md).
+        profile: (start_step, end_step): a torch.profiler trace of those steps in RUN/profile/trace.json.
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class Trainer:
         loss_weights: Mapping[str, float] | None = None,
         strategy: str = "auto",
         loggers: Sequence[str] = ("jsonl",),
+        profile: tuple[int, int] | None = None,
     ) -> None:
         self._arguments = {k: v for k, v in dict(locals()).items()
                            if k not in ("self", "model", "train_data", "val_data", "callbacks", "forward", "metrics")}
@@ -239,6 +242,9 @@ class Trainer:
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.loggers = check_loggers(loggers, has_run_dir=self.run_dir is not None)
+        if profile is not None and self.run_dir is None:
+            raise bad("profile", profile, "the trace is written into the run folder; pass run_dir=... too.")
+        self.profiler = StepProfiler(tuple(profile), self.run_dir / "profile") if profile is not None else None
         self.resume = resume
         if self.run_dir is not None and resume is None and self.is_main:
             claim_run_dir(self.run_dir, overwrite)
@@ -336,6 +342,8 @@ class Trainer:
                         self.running.add(GRAD_NORM, grad_norm)
                     for hook in on_step_end:
                         hook(self)
+                    if self.profiler is not None:
+                        self.profiler.after_step(self.step)
                     self.progress.update(self.step)
 
                     if self.stream.end_of_epoch and self.stream.single:
@@ -358,6 +366,8 @@ class Trainer:
                         self.save_checkpoint()
                     self._saver.wait()
             finally:
+                if self.profiler is not None:
+                    self.profiler.close()
                 self.progress.close()
                 self.stream.close()
                 for logger in self._loggers:
