@@ -28,9 +28,9 @@ class History(list):
         return out
 
     def last(self, split: str) -> dict[str, Any] | None:
-        """The newest record of ``split`` ("train" or "val")."""
+        """The newest record of ``split`` ("train" or "val") with a loss (events such as a stop are skipped)."""
         for r in reversed(self):
-            if r.get("split") == split:
+            if r.get("split") == split and "loss" in r and "event" not in r:
                 return r
         return None
 

@@ -8,7 +8,7 @@ itself never calls loggers, callbacks or checkpoints.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from . import callbacks as cbs
 from .arguments import check_basic
+from .callbacks import Callback
 from .checkpoint import Checkpoints
 from .checkpoint.snapshot import Saver, capture, restore
 from .checkpoint.store import find_resume
@@ -149,7 +150,7 @@ class Trainer:
         overwrite: bool = False,
         progress: bool = True,
         checkpoint_every: int | None = None,
-        callbacks: Iterable[Any] = (),
+        callbacks: Sequence[Callback] = (),
         forward: Forward | None = None,
         metrics: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
         resume: str | Path | None = None,

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ConfigError
 
 # Trainer arguments the CLI fills itself, or that only make sense from Python.
-SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "callbacks", "forward", "metrics", "resume"}
+SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "resume"}
 
 
 def fit_parser() -> Any:
