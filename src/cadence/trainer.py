@@ -264,6 +264,7 @@ class Trainer:
         self._validated_at: int | None = None
         self.records_at_checkpoint: int | None = None
         self._saved_at: int | None = None
+        self._saved_records: int | None = None
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -363,10 +364,15 @@ class Trainer:
                 if signals.received is None and self.val_data is not None and self._validated_at != self.step:
                     self.validate()
                 if self.checkpoints is not None:
-                    if self._saved_at != self.step:
-                        self.save_checkpoint()
+                    if (self._saved_at, self._saved_records) != (self.step, len(self.history)):
+                        self.save_checkpoint()  # the end of the run, with its last records
                     self._saver.wait()
             finally:
+                if self._saver is not None:
+                    try:  # a save in flight finishes (or reports its error) before fit() returns or raises
+                        self._saver.wait()
+                    except Exception as err:
+                        self.progress.message(f"the last checkpoint could not be written: {err}")
                 if self.profiler is not None:
                     self.profiler.close()
                 self.progress.close()
@@ -424,7 +430,7 @@ class Trainer:
         if self._saver is None:
             raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
         self._saver.save(self.step, capture(self, copy=self._saver.background))
-        self._saved_at = self.step
+        self._saved_at, self._saved_records = self.step, len(self.history)
         return self.checkpoints.path(self.step)
 
     def _nonfinite(self, loss: torch.Tensor) -> None:

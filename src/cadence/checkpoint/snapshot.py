@@ -72,6 +72,7 @@ def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
             "config_hash": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
             "scaler": scaler.state_dict() if scaler is not None else None,
             "nonfinite": trainer.nonfinite_in_a_row,
+            "nonfinite_total": trainer.nonfinite_total,
             "metrics": dict(trainer.last_val_metrics),
             "callbacks": {str(i): cb.state_dict() for i, cb in enumerate(trainer.callbacks)
                           if hasattr(cb, "state_dict")},
@@ -131,12 +132,14 @@ def restore(trainer: Trainer, folder: Path) -> None:
         trainer.precision.scaler.load_state_dict(meta["scaler"])
     trainer.stream.load_state_dict(meta["data"])
     trainer.nonfinite_in_a_row = int(meta.get("nonfinite", 0))
+    trainer.nonfinite_total = int(meta.get("nonfinite_total", 0))
     trainer.last_val_metrics = dict(meta.get("metrics", {}))
     for index, state in meta.get("callbacks", {}).items():
         trainer.callbacks[int(index)].load_state_dict(state)
     trainer.should_stop, trainer.stop_reason = bool(meta.get("should_stop")), meta.get("stop_reason")
     trainer._validated_at = meta.get("validated_at")
     trainer.records_at_checkpoint = meta.get("records")
+    trainer._saved_at, trainer._saved_records = trainer.step, meta.get("records")
     for stopper, state in zip(trainer.early_stopping, meta.get("early_stopping", [])):
         stopper.load_state_dict(state)
     if trainer.ema is not None:

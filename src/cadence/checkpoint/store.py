@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import warnings
@@ -33,7 +34,16 @@ class Checkpoints:
     def folders(self) -> list[Path]:
         if not self.root.is_dir():
             return []
+        self._recover()
         return sorted(p for p in self.root.iterdir() if p.is_dir() and NAME.match(p.name))
+
+    def _recover(self) -> None:
+        """Put back a checkpoint that a re-save of the same step had moved aside when a crash hit between
+        its two renames (``.tmp-old-step-N-PID`` with no ``step-N``)."""
+        for old in self.root.glob(f"{TMP_PREFIX}old-step-*"):
+            name = old.name[len(TMP_PREFIX) + len("old-"):].rsplit("-", 1)[0]
+            if NAME.match(name) and not (self.root / name).exists():
+                os.replace(old, self.root / name)
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that verifies; broken ones are skipped with a warning."""
@@ -47,6 +57,7 @@ class Checkpoints:
     def prune(self) -> None:
         """Apply ``keep_last``/``keep_best`` and clear stray temporary folders of interrupted saves."""
         if self.root.is_dir():
+            self._recover()
             for stray in self.root.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(stray, ignore_errors=True)
         if self.keep_last is None:

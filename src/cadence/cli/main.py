@@ -13,6 +13,7 @@ import re
 import sys
 from typing import Any
 
+from ..checkpoint.format import CheckpointError
 from ..errors import ConfigError
 
 # Trainer arguments the CLI fills itself, or that only make sense from Python.
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             from .runs import runs
 
             return runs(cfg.runs)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"cadence: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
