@@ -65,9 +65,10 @@ def _scalar(name: str, value: Any) -> torch.Tensor:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise bad(f"model output part {name!r}", shape,
                   "every part must be a scalar (a 0-dim tensor or a number); reduce it, e.g. with .mean().")
-    leaf = value.is_leaf  # a parameter or buffer (or a value made without grad) may change in place later
+    # a parameter or buffer, or a view of one, may change in place before the log point: keep this step's value
+    shared = value.is_leaf or value._is_view()
     value = value.detach().reshape(())
-    return value.clone() if leaf else value  # keep this step's value for the log point
+    return value.clone() if shared else value
 
 
 def _parts(out: Mapping[str, Any], skip: tuple[str, ...], training: bool) -> dict[str, torch.Tensor]:

@@ -41,6 +41,8 @@ class StagePlan:
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, Stage):
                 raise bad(f"stages[{i}]", stage, "give cadence.Stage(steps=... or epochs=..., trainable=..., lr=...).")
+            if isinstance(stage.trainable, str):
+                raise bad(f"stages[{i}].trainable", stage.trainable, "give a list of globs, e.g. ['head.*'].")
             if (stage.steps is None) == (stage.epochs is None):
                 raise bad(f"stages[{i}]", stage, "give exactly one of steps or epochs.")
             if stage.epochs is not None and steps_per_epoch is None:

@@ -178,6 +178,8 @@ class Trainer:
         self._arguments = {k: v for k, v in dict(locals()).items()
                            if k not in ("self", "model", "train_data", "val_data", "callbacks", "forward", "metrics")}
         check_basic(dict(locals()))
+        if isinstance(inputs, str):
+            raise bad("inputs", inputs, f"give a list of field names, e.g. [{inputs!r}].")
         if not isinstance(model, nn.Module):
             raise bad("model", type(model).__name__, "pass a torch.nn.Module whose forward returns the loss.")
         env = read_env()
