@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 TORCH   := torch==2.13.0
 
-.PHONY: demo test lint bench clean report-test
+.PHONY: demo test lint bench bench-peers clean report-test
 
 .venv/.demo-ready: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -34,6 +34,17 @@ report-test: .venv/.dev-ready
 
 bench: .venv/.dev-ready
 	$(PY) benchmarks/overhead.py
+
+# cadence against Accelerate, Lightning Fabric and the Lightning Trainer (issue 10): installs the bench extra
+# (torch stays the pinned one), then runs benchmarks/peers.py (about 10 minutes on 2 CPU cores).
+.venv/.bench-ready: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check $(TORCH)
+	$(PIP) install -q --disable-pip-version-check -e ".[bench]" $(TORCH)
+	touch $@
+
+bench-peers: .venv/.bench-ready
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf .venv runs
