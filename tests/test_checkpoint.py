@@ -23,6 +23,7 @@ from torch import nn
 
 import cadence
 import cadence.checkpoint.format as ckpt_format
+import cadence.checkpoint.snapshot as snapshot
 from cadence import ConfigError
 from cadence.checkpoint import CheckpointError, Checkpoints, verify
 from helpers import MLP, assert_weights_equal, make_data, trainer
@@ -606,30 +607,35 @@ def test_async_checkpoints_are_identical_to_synchronous_ones(tmp_path):
         (runs[False] / "final" / "model.safetensors").read_bytes()
 
 
-def test_async_checkpoint_json_is_the_state_at_its_step(tmp_path, monkeypatch):
-    """The background writer is held back until two more steps have run (as on a slow disk)."""
-    gate = threading.Event()
-    real_encode = ckpt_format.encode
+def test_async_checkpoint_is_the_state_at_its_step(tmp_path, monkeypatch):
+    """The write of step 6 is held back (as on a slow disk) until the trainer waits for it at the next save."""
+    blocked, gate = threading.Event(), threading.Event()
+    real_encode, real_wait = ckpt_format.encode, snapshot.Saver.wait
 
     def slow_encode(files: Any) -> dict[str, bytes]:
         meta = files.get("trainer.json")
         if threading.current_thread() is not threading.main_thread() and meta and meta.get("step") == 6:
+            blocked.set()
             gate.wait(timeout=30)
         return real_encode(files)
 
-    class OpenGate:
-        def on_step_end(self, t: Any) -> None:
-            if t.step == 8:  # step 7 ended epoch 0 (7 steps per epoch)
-                gate.set()
+    def wait(self: Any) -> None:
+        if blocked.is_set():
+            gate.set()
+        real_wait(self)
 
     runs = {False: tmp_path / "sync", True: tmp_path / "async"}
     build(runs[False], max_steps=9, checkpoint_every=3).fit()
     monkeypatch.setattr(ckpt_format, "encode", slow_encode)
-    build(runs[True], max_steps=9, checkpoint_every=3, async_checkpoint=True, callbacks=[OpenGate()]).fit()
+    monkeypatch.setattr(snapshot.Saver, "wait", wait)
+    build(runs[True], max_steps=9, checkpoint_every=3, async_checkpoint=True).fit()
     assert gate.is_set()
     sync = json.loads((step_dir(runs[False], 6) / "trainer.json").read_text())
     background = json.loads((step_dir(runs[True], 6) / "trainer.json").read_text())
     assert background == sync
+    for step in (6, 9):  # the tensors too: step 9's copy waited for step 6's write before refilling the buffers
+        for file in ("model.safetensors", "optimizer.safetensors"):
+            assert (step_dir(runs[True], step) / file).read_bytes() == (step_dir(runs[False], step) / file).read_bytes()
 
 
 def test_async_checkpoint_resumes_exactly(tmp_path):

@@ -10,6 +10,7 @@ decay warms up as ``1 - (1 + step / inv_gamma) ** -power``, capped at ``beta``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -67,10 +68,11 @@ class EMA:
         if self._ema_buffers:
             torch._foreach_copy_(self._ema_buffers, self._live_buffers)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def state_tensors(self, copy: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
         from .weights import clean_state_dict
 
-        return clean_state_dict(self.model)
+        return clean_state_dict(self.model, copy)
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(tensors)

@@ -431,7 +431,8 @@ class Trainer:
         """Save the full training state as ``RUN/checkpoints/step-NNNNNNNNN`` (atomically)."""
         if self._saver is None:
             raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
-        self._saver.save(self.step, capture(self, copy=self._saver.background))
+        self._saver.wait()  # a save in flight still reads the staging buffers that capture() refills
+        self._saver.save(self.step, capture(self, self._saver.staging))
         self._saved_at, self._saved_records = self.step, len(self.history)
         return self.checkpoints.path(self.step)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,19 @@ from torch import nn
 COMPILED_PREFIX = "_orig_mod."
 
 
-def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def clean_state_dict(model: nn.Module, copy: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """The model's state on the CPU, keys without ``torch.compile``'s ``_orig_mod.`` prefix.
 
     Tensors that share memory (tied weights) are each stored in full, so plain ``safetensors.load_file``
-    gives back every key ``load_state_dict`` expects.
+    gives back every key ``load_state_dict`` expects. ``copy(key, tensor)``, when given, makes the host copy
+    of each tensor (by default CPU tensors are returned as they are, not copied).
     """
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in model.state_dict().items():
         key = key.replace(COMPILED_PREFIX, "")
-        t = value.detach().to("cpu")
+        t = copy(key, value.detach()) if copy is not None else value.detach().to("cpu")
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen or not t.is_contiguous() or t.data_ptr() != ptr:
             t = t.contiguous().clone()

@@ -1,7 +1,8 @@
 """What a checkpoint of a running ``Trainer`` holds, and putting it back.
 
-``capture`` copies everything off the device into plain CPU tensors and JSON (so a background thread can
-write it while training goes on); ``restore`` checks that the checkpoint fits this run and loads it.
+``capture`` gathers everything as CPU tensors and JSON (with ``staging``, private copies, so a background
+thread can write them while training goes on); ``restore`` checks that the checkpoint fits this run and
+loads it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import json
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ import torch
 from ..errors import ConfigError
 from ..weights import COMPILED_PREFIX, clean_state_dict
 from .format import FORMAT, commit, entries_on_disk, read_json, read_tensors, temp_folder, write_checkpoint, write_files
+from .staging import Staging
 from .state import load_local_shards, load_model, load_optimizer, local, optimizer_state, rng_state, set_rng_state
 from .store import Checkpoints
 
@@ -34,12 +37,19 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
             "grad_accum": trainer.grad_accum, "world_size": trainer.world_size, "seed": trainer.seed}
 
 
-def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
-    """The checkpoint's files as name -> tensors (``.safetensors``) or JSON-able values (``.json``)."""
+def capture(trainer: Trainer, staging: Staging | None = None) -> dict[str, Any]:
+    """The checkpoint's files as name -> tensors (``.safetensors``) or JSON-able values (``.json``).
+
+    With ``staging`` every tensor is copied into its buffers, so the files hold this step's state whatever
+    training does next; the caller must not reuse ``staging`` before the files are written.
+    """
     from .. import __version__
 
-    def own(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in tensors.items()} if copy else tensors
+    def copier(file: str) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
+        return staging.copier(file) if staging is not None else None
+
+    def own(file: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: staging.copy(f"{file}/{k}", v) for k, v in tensors.items()} if staging is not None else tensors
 
     rank = trainer.rank
     rng = {rng_file(rank, trainer.world_size): rng_state()}
@@ -49,14 +59,14 @@ def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
         shards = {k.replace(COMPILED_PREFIX, ""): local(v).detach().to("cpu").clone()
                   for k, v in trainer.model.state_dict().items()}
         rng.update({f"model-rank{rank:05d}.safetensors": shards,
-                    f"optimizer-rank{rank:05d}.safetensors": own(opt_tensors),
+                    f"optimizer-rank{rank:05d}.safetensors": opt_tensors,
                     f"optimizer-rank{rank:05d}.json": opt_meta})
     if not trainer.is_main:  # replicated state is written once, by rank 0; every rank writes its RNG
         return rng
     if not sharded:
-        rng.update({"model.safetensors": own(clean_state_dict(trainer.model))})
-        opt_tensors, opt_meta = optimizer_state(trainer.optimizer)
-        rng.update({"optimizer.safetensors": own(opt_tensors), "optimizer.json": opt_meta})
+        rng.update({"model.safetensors": clean_state_dict(trainer.model, copier("model"))})
+        opt_tensors, opt_meta = optimizer_state(trainer.optimizer, copier("optimizer"))
+        rng.update({"optimizer.safetensors": opt_tensors, "optimizer.json": opt_meta})
     identity = run_identity(trainer)
     scaler = trainer.precision.scaler
     files: dict[str, Any] = {
@@ -85,12 +95,14 @@ def capture(trainer: Trainer, copy: bool) -> dict[str, Any]:
         },
     }
     if trainer.ema is not None:
-        files["ema.safetensors"] = own(trainer.ema.state_tensors())
-    if copy:  # a background writer must see the state of this step, not what the loop changes next
+        files["ema.safetensors"] = trainer.ema.state_tensors(copier("ema"))
+    if staging is not None:  # a background writer must see the state of this step, not what the loop changes next
         files["trainer.json"] = json.loads(json.dumps(files["trainer.json"]))
     running = trainer.running.state_tensors()
     if running:
-        files["running.safetensors"] = own(running)
+        files["running.safetensors"] = own("running", running)
+    if staging is not None:
+        staging.finish()
     return files
 
 
@@ -163,6 +175,8 @@ class Saver:
     def __init__(self, store: Checkpoints, strategy: Strategy, background: bool = False) -> None:
         self.store, self.strategy = store, strategy
         self.background = background and strategy.world_size == 1
+        # the background writer's copies of the state; refilled only once the write that reads them is done
+        self.staging = Staging() if self.background else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 

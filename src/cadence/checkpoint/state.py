@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -52,15 +52,21 @@ def load_local_shards(model: nn.Module, tensors: Mapping[str, torch.Tensor], sou
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``state_dict()`` split into tensors (``state.<param>.<key>``) and JSON (groups, plain values)."""
+def optimizer_state(optimizer: torch.optim.Optimizer,
+                    copy: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``state_dict()`` split into tensors (``state.<param>.<key>``) and JSON (groups, plain values).
+
+    ``copy(name, tensor)``, when given, makes the host copy of each tensor (by default: ``.to("cpu")``).
+    """
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict[str, Any]] = {}
     for index, state in sd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = local(value).detach().to("cpu")
+                name, value = f"state.{index}.{key}", local(value).detach()
+                tensors[name] = copy(name, value) if copy is not None else value.to("cpu")
             else:
                 plain.setdefault(str(index), {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
