@@ -14,6 +14,9 @@ PRECISIONS = {"32": "32", "fp32": "32", "32-true": "32", "bf16": "bf16", "bf16-m
               "16": "16", "fp16": "16", "16-mixed": "16"}
 
 
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
+
+
 class Precision:
     """``autocast()`` for forward passes and an optional ``scaler`` (fp16 only)."""
 
@@ -32,7 +35,7 @@ class Precision:
         self.scaler = torch.amp.GradScaler(device.type) if name == "16" else None
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(name)
         self._autocast: Callable[[], ContextManager] = (
-            contextlib.nullcontext if dtype is None
+            (lambda: _NOTHING) if dtype is None
             else lambda: torch.autocast(device_type=device.type, dtype=dtype))
 
     def autocast(self) -> ContextManager:

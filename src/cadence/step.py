@@ -11,6 +11,7 @@ returned loss and parts stay on the device.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ from .precision import Precision
 
 if TYPE_CHECKING:
     from .distributed import Strategy
+
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
 
 
 @dataclass
@@ -62,14 +65,16 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
     last = (len(draws) - 1, len(draws[-1].micro_batches) - 1)
     for d, (source, source_weight, micro_batches, total) in enumerate(draws):
         sizes = [batch_size_of(b) for b in micro_batches]
-        samples += sum(sizes)
+        source_samples = sum(sizes)
+        samples += source_samples
         # items of this source's global batch; gradients are averaged over ranks, so a rank's share scales by world
-        total = total if total is not None else sum(sizes) * world
+        total = total if total is not None else source_samples * world
         prefix = f"{source}/" if source is not None else ""
         source_loss: Any = None
         for m, (batch, n) in enumerate(zip(micro_batches, sizes)):
-            sync = p.strategy is None or (d, m) == last  # all-reduce gradients once, after the last micro-batch
-            with contextlib.nullcontext() if sync else p.strategy.no_sync(p.model):
+            # all-reduce gradients once, after the last micro-batch
+            hold = p.strategy is not None and (d, m) != last
+            with p.strategy.no_sync(p.model) if hold else _NOTHING:
                 with p.precision.autocast():
                     raw = call_model(p.model, p.move(batch), p.forward, p.inputs)
                     out = read_output(raw, training=True, loss_weights=p.loss_weights)
@@ -106,7 +111,8 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
         loss_sum = loss_sum / total_items
         parts_sum = {k: v / total_items for k, v in parts_sum.items()}
 
-    nonfinite = p.check_finite and not torch.isfinite(loss_sum)
+    # float() is a sync on an accelerator (check_finite is then off unless on_nonfinite="skip"), free on the CPU
+    nonfinite = p.check_finite and not math.isfinite(float(loss_sum))
     if world > 1 and p.check_finite:
         nonfinite = p.strategy.any(nonfinite)  # every rank takes the same branch
     if nonfinite:

@@ -45,6 +45,17 @@ class InMemory:
         picked = [t[index] for t in self.tensors]
         return dict(zip(self.keys, picked)) if self.kind == "dict" else tuple(picked)
 
+    def cut(self, batch: Any, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` of a batch made by :meth:`take` (views, no copy)."""
+        if self.kind == "tensor":
+            return batch[start:stop]
+        if self.kind == "dict":
+            return {k: v[start:stop] for k, v in batch.items()}
+        return tuple(t[start:stop] for t in batch)
+
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in self.tensors)
+
     def __getitem__(self, i: int) -> Any:  # item view, used by split_by and balance_by
         return self.take(i)
 
@@ -99,10 +110,10 @@ class _OrderSampler:
         self.start = 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        perm = self.order.permutation(self.epoch).numpy()
+        perm = self.order.permutation(self.epoch).tolist()  # one conversion per epoch, list slices per batch
         for i in range(self.start, self.order.steps_per_epoch):
-            for mb in self.order.micro_batches(torch.from_numpy(perm), i):
-                yield mb.numpy().tolist()
+            for a, z in self.order.micro_ranges(i):
+                yield perm[a:z]
 
     def __len__(self) -> int:
         return (self.order.steps_per_epoch - self.start) * self.order.grad_accum
@@ -175,12 +186,31 @@ class StepStream:
         self._it = None
 
 
+# In-memory data up to this size is gathered once per epoch, in this rank's order, and each micro-batch is
+# a contiguous slice of the copy (one gather per epoch instead of one per batch); larger data is gathered
+# batch by batch, so it is never held twice.
+GATHER_EPOCH_BYTES = 512 * 2**20
+
+
 def stream_in_memory(data: InMemory, order: DataOrder) -> StepStream:
+    whole_epoch = data.nbytes() <= GATHER_EPOCH_BYTES
+
     def epoch_iter(epoch: int, start: int) -> Iterator[Any]:
         perm = order.permutation(epoch)
-        for i in range(start, order.steps_per_epoch):
-            for mb in order.micro_batches(perm, i):
-                yield data.take(mb)
+        ranges = [r for i in range(start, order.steps_per_epoch) for r in order.micro_ranges(i)]
+        if not whole_epoch:
+            for a, z in ranges:
+                yield data.take(perm[a:z])
+            return
+        if order.world_size == 1:  # this rank's micro-batches follow each other in the permutation
+            mine = perm[ranges[0][0]:ranges[-1][1]] if ranges else perm[:0]
+        else:
+            mine = torch.cat([perm[a:z] for a, z in ranges]) if ranges else perm[:0]
+        epoch_data = data.take(mine)
+        at = 0
+        for a, z in ranges:
+            yield data.cut(epoch_data, at, at + z - a)
+            at += z - a
 
     return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True, order=order)
 

@@ -55,12 +55,29 @@ class DataOrder:
         start = step_in_epoch * self.global_batch
         return perm[start:start + self.global_batch]
 
+    def micro_ranges(self, step_in_epoch: int) -> list[tuple[int, int]]:
+        """This rank's micro-batches of one optimizer step as ``(start, stop)`` positions in the permutation.
+
+        ``tensor_split`` of a contiguous run gives contiguous pieces, so every micro-batch is a slice of the
+        epoch's permutation; empty pieces of a short last batch are left out.
+        """
+        start = step_in_epoch * self.global_batch
+        stop = min(start + self.global_batch, self.length)
+        if stop - start == self.global_batch:  # the common case: equal slices, no splitting
+            b = self.batch_size
+            base = start + self.rank * self.grad_accum * b
+            return [(base + m * b, base + (m + 1) * b) for m in range(self.grad_accum)]
+        lo, hi = _piece(start, stop, self.world_size, self.rank)
+        pieces = (_piece(lo, hi, self.grad_accum, m) for m in range(self.grad_accum))
+        return [(a, z) for a, z in pieces if z > a]
+
     def micro_batches(self, perm: torch.Tensor, step_in_epoch: int) -> list[torch.Tensor]:
         """This rank's micro-batch index tensors for one optimizer step (views into ``perm``)."""
-        batch = self.global_indices(perm, step_in_epoch)
-        if len(batch) == self.global_batch:  # the common case: equal slices, no splitting calls
-            b = self.batch_size
-            base = self.rank * self.grad_accum * b
-            return [batch[base + m * b: base + (m + 1) * b] for m in range(self.grad_accum)]
-        mine = torch.tensor_split(batch, self.world_size)[self.rank]
-        return [mb for mb in torch.tensor_split(mine, self.grad_accum) if len(mb)]
+        return [perm[a:z] for a, z in self.micro_ranges(step_in_epoch)]
+
+
+def _piece(start: int, stop: int, parts: int, i: int) -> tuple[int, int]:
+    """Piece ``i`` of ``torch.tensor_split(range(start, stop), parts)``: the first ``n % parts`` pieces get one more."""
+    size, extra = divmod(stop - start, parts)
+    a = start + i * size + min(i, extra)
+    return a, a + size + (1 if i < extra else 0)
