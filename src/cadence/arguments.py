@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
+
 from .errors import bad
 
 
@@ -83,3 +86,23 @@ def check_basic(a: dict[str, Any]) -> None:
                  allow_none=True)
     if a["ema"] is not None and not hasattr(a["ema"], "attach"):
         raise bad("ema", a["ema"], "pass cadence.EMA(beta=...).")
+    if isinstance(a["inputs"], str):
+        raise bad("inputs", a["inputs"], f"give a list of field names, e.g. [{a['inputs']!r}].")
+    if not isinstance(a["model"], nn.Module):
+        raise bad("model", type(a["model"]).__name__, "pass a torch.nn.Module whose forward returns the loss.")
+    if a["stages"] and isinstance(a["optimizer"], torch.optim.Optimizer):
+        raise bad("optimizer", type(a["optimizer"]).__name__, "stages rebuild the optimizer for each stage; pass "
+                  "its name or a callable param_groups -> Optimizer instead of an instance.")
+    if a["profile"] is not None and a["run_dir"] is None:
+        raise bad("profile", a["profile"], "the trace is written into the run folder; pass run_dir=... too.")
+
+
+def check_strategy(a: dict[str, Any], strategy: str) -> None:
+    """Features that the chosen distributed strategy cannot do yet."""
+    if strategy != "fsdp":
+        return
+    if a["stages"]:
+        raise bad("stages", "with strategy='fsdp'", "FSDP shards the parameters once; use strategy='ddp' "
+                  "for staged training.")
+    if a["ema"] is not None:
+        raise bad("ema", a["ema"], "an EMA of FSDP-sharded weights is not supported yet; use strategy='ddp'.")

@@ -133,3 +133,13 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float, weight_dec
         return Lion(groups, lr=lr)
     raise bad("optimizer", spec, f"use one of {', '.join(OPTIMIZERS)}, a callable param_groups -> Optimizer, "
               "or a torch.optim.Optimizer instance.")
+
+
+def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Give ``new`` the state ``old`` had for the parameters both train (a stage change keeps their moments)."""
+    if old is new:
+        return
+    for group in new.param_groups:
+        for p in group["params"]:
+            if p in old.state:
+                new.state[p] = old.state[p]

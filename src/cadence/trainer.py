@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import callbacks as cbs
-from .arguments import check_basic
+from .arguments import check_basic, check_strategy
 from .callbacks import Callback
 from .checkpoint import Checkpoints
 from .checkpoint.snapshot import Saver, capture, restore
@@ -32,7 +32,7 @@ from .evaluate import evaluate
 from .history import History, Metrics
 from .loggers.build import build_loggers, check_loggers
 from .metrics import StepMeans
-from .optim import OptimizerSpec, build_optimizer
+from .optim import OptimizerSpec, build_optimizer, carry_state
 from .outputs import Forward
 from .precision import Precision
 from .profiling import StepProfiler
@@ -44,7 +44,7 @@ from .signals import StopSignals
 from .stages import Stage, StagePlan
 from .step import StepParts, train_step
 from .stopping import EarlyStopping, should_stop
-from .weights import save_weights
+from .weights import save_final
 
 # Keys of the loss and the gradient norm among the running means: they cannot clash with a part's name.
 LOSS, GRAD_NORM = " loss", " grad_norm"
@@ -178,14 +178,11 @@ class Trainer:
         self._arguments = {k: v for k, v in dict(locals()).items()
                            if k not in ("self", "model", "train_data", "val_data", "callbacks", "forward", "metrics")}
         check_basic(dict(locals()))
-        if isinstance(inputs, str):
-            raise bad("inputs", inputs, f"give a list of field names, e.g. [{inputs!r}].")
-        if not isinstance(model, nn.Module):
-            raise bad("model", type(model).__name__, "pass a torch.nn.Module whose forward returns the loss.")
         env = read_env()
         self.device = resolve_device(device, env.local_rank if env.distributed else None)
         self.env = init_distributed(self.device)
         self.strategy = make_strategy(strategy, self.env, self.device)
+        check_strategy(dict(locals()), self.strategy.name)
         self.is_main = self.env.is_main
         self.precision = Precision(precision, self.device)
         self.model = model.to(self.device)
@@ -216,17 +213,11 @@ class Trainer:
         self.schedule = Schedule(lr, schedule, warmup_steps, warmup_start_lr, self.max_steps, min_lr,
                                  tuple(milestones), gamma)
 
-        if self.stage_plan is not None and isinstance(optimizer, torch.optim.Optimizer):
-            raise bad("optimizer", type(optimizer).__name__, "stages rebuild the optimizer for each stage; pass "
-                      "its name or a callable param_groups -> Optimizer instead of an instance.")
         self.lr, self.weight_decay, self._optimizer_spec = lr, weight_decay, optimizer
         self._param_overrides = dict(param_groups or {})
         self.optimizer: torch.optim.Optimizer | None = None
         self.stage_index: int | None = None
         self.step = 0
-        if self.stage_plan is not None and self.strategy.name == "fsdp":
-            raise bad("stages", "with strategy='fsdp'", "FSDP shards the parameters once; use strategy='ddp' "
-                      "for staged training.")
         self._parts = StepParts(model, None, self.precision, [], max_grad_norm, forward, mover(self.device),
                                 inputs=tuple(inputs or getattr(train_data, "inputs", None) or ()) or None,
                                 loss_weights=dict(loss_weights) if loss_weights else None,
@@ -236,8 +227,6 @@ class Trainer:
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         self._parts.check_finite = on_nonfinite == "skip" or self.device.type == "cpu"
 
-        if ema is not None and self.strategy.name == "fsdp":
-            raise bad("ema", ema, "an EMA of FSDP-sharded weights is not supported yet; use strategy='ddp'.")
         self.ema, self.validate_on = ema, validate_on
         if ema is not None:
             ema.attach(model)
@@ -245,8 +234,6 @@ class Trainer:
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.loggers = check_loggers(loggers, has_run_dir=self.run_dir is not None)
-        if profile is not None and self.run_dir is None:
-            raise bad("profile", profile, "the trace is written into the run folder; pass run_dir=... too.")
         self.profiler = StepProfiler(tuple(profile), self.run_dir / "profile") if profile is not None else None
         self.resume = resume
         if self.run_dir is not None and resume is None and self.is_main:
@@ -298,11 +285,8 @@ class Trainer:
         old = self.optimizer
         self.optimizer = build_optimizer(self._optimizer_spec, self.model, lr, self.weight_decay, self.device,
                                          overrides)
-        if old is not None and old is not self.optimizer:  # parameters that keep training keep their state
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    if p in old.state:
-                        self.optimizer.state[p] = old.state[p]
+        if old is not None:
+            carry_state(old, self.optimizer)
         self.stage_index = index
         # Each group's own starting rate; the schedule scales it (a group at cadence's lr gets the schedule's rate).
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -386,26 +370,11 @@ class Trainer:
             self.stop_reason = f"signal {signals.received}"
             raise SystemExit(signals.exit_code)
         if self.run_dir is not None:
-            self._save_final()
+            save_final(self.model, self.run_dir / "final", self.ema.model if self.ema is not None else None,
+                       sharded=self.strategy.name == "fsdp", is_main=self.is_main)
         for hook in cbs.bind(self.callbacks, "on_fit_end"):
             hook(self)
         return self.history
-
-    def _save_final(self) -> None:
-        """``final/model.safetensors`` (and ``ema.safetensors``): whole tensors, gathered from FSDP shards."""
-        if self.strategy.name == "fsdp":
-            full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
-            if self.is_main:
-                from safetensors.torch import save_file
-
-                (self.run_dir / "final").mkdir(parents=True, exist_ok=True)
-                save_file({k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous() for k, v in full.items()},
-                          str(self.run_dir / "final" / "model.safetensors"))
-            return
-        if self.is_main:
-            save_weights(self.model, self.run_dir / "final" / "model.safetensors")
-            if self.ema is not None:
-                save_weights(self.ema.model, self.run_dir / "final" / "ema.safetensors")
 
     def _start(self) -> None:
         """Resume or seed, open the loggers, start the clocks."""
