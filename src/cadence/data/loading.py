@@ -39,19 +39,24 @@ class InMemory:
     def __len__(self) -> int:
         return len(self.tensors[0])
 
-    def take(self, index: torch.Tensor) -> Any:
+    def take(self, index: torch.Tensor | int) -> Any:
+        """The rows ``index`` (a 1-D index tensor; an int gives one item)."""
+        if isinstance(index, torch.Tensor):  # index_select: the same rows as t[index], with less dispatch work
+            picked = [t.index_select(0, index if index.device == t.device else index.to(t.device))
+                      for t in self.tensors]
+        else:
+            picked = [t[index] for t in self.tensors]
         if self.kind == "tensor":
-            return self.tensors[0][index]
-        picked = [t[index] for t in self.tensors]
+            return picked[0]
         return dict(zip(self.keys, picked)) if self.kind == "dict" else tuple(picked)
 
-    def cut(self, batch: Any, start: int, stop: int) -> Any:
-        """Rows ``start:stop`` of a batch made by :meth:`take` (views, no copy)."""
+    def split(self, batch: Any, sizes: list[int]) -> list[Any]:
+        """A batch made by :meth:`take` cut into consecutive batches of ``sizes`` rows (views, no copy)."""
         if self.kind == "tensor":
-            return batch[start:stop]
-        if self.kind == "dict":
-            return {k: v[start:stop] for k, v in batch.items()}
-        return tuple(t[start:stop] for t in batch)
+            return list(batch.split(sizes))
+        columns = [t.split(sizes) for t in (batch.values() if self.kind == "dict" else batch)]
+        rows = zip(*columns)
+        return [dict(zip(self.keys, r)) for r in rows] if self.kind == "dict" else list(rows)
 
     def nbytes(self) -> int:
         return sum(t.element_size() * t.numel() for t in self.tensors)
@@ -92,12 +97,14 @@ def batch_size_of(batch: Any) -> int:
     """Number of items in a batch: the first dimension of its first tensor."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.ndim else 1
+    if isinstance(batch, (tuple, list)):  # before Mapping: an isinstance check against an ABC costs more
+        if not batch:
+            return 1
+        first = batch[0]
+        return batch_size_of(first) if isinstance(first, (torch.Tensor, Mapping, tuple, list)) else len(batch)
     if isinstance(batch, Mapping):
         for v in batch.values():
             return batch_size_of(v)
-    if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-        return batch_size_of(first) if isinstance(first, (torch.Tensor, Mapping, tuple, list)) else len(batch)
     return 1
 
 
@@ -198,19 +205,17 @@ def stream_in_memory(data: InMemory, order: DataOrder) -> StepStream:
     def epoch_iter(epoch: int, start: int) -> Iterator[Any]:
         perm = order.permutation(epoch)
         ranges = [r for i in range(start, order.steps_per_epoch) for r in order.micro_ranges(i)]
+        if not ranges:
+            return
         if not whole_epoch:
             for a, z in ranges:
                 yield data.take(perm[a:z])
             return
         if order.world_size == 1:  # this rank's micro-batches follow each other in the permutation
-            mine = perm[ranges[0][0]:ranges[-1][1]] if ranges else perm[:0]
+            mine = perm[ranges[0][0]:ranges[-1][1]]
         else:
-            mine = torch.cat([perm[a:z] for a, z in ranges]) if ranges else perm[:0]
-        epoch_data = data.take(mine)
-        at = 0
-        for a, z in ranges:
-            yield data.cut(epoch_data, at, at + z - a)
-            at += z - a
+            mine = torch.cat([perm[a:z] for a, z in ranges])
+        yield from data.split(data.take(mine), [z - a for a, z in ranges])
 
     return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True, order=order)
 
