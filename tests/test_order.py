@@ -68,6 +68,11 @@ def test_micro_batches_match_the_documented_contract(n, b, ga, ws):
             got = order.micro_batches(perm, step)
             assert as_lists(got) == as_lists(reference_micro_batches(order, perm, step)), (rank, step)
             assert all(len(mb) <= b for mb in got)
+        for drop_last in (False, True):  # the whole epoch at once, from any step: the same slices
+            order = DataOrder(n, b, ga, world_size=ws, rank=rank, seed=3, drop_last=drop_last)
+            for start in range(order.steps_per_epoch + 1):
+                expected = [r for step in range(start, order.steps_per_epoch) for r in order.micro_ranges(step)]
+                assert order.epoch_ranges(start) == expected, (rank, start, drop_last)
 
 
 @pytest.mark.parametrize("n,b,ga,ws", [(50, 4, 3, 2), (23, 2, 3, 2), (13, 3, 2, 2), (17, 5, 1, 3)])

@@ -118,9 +118,8 @@ class _OrderSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         perm = self.order.permutation(self.epoch).tolist()  # one conversion per epoch, list slices per batch
-        for i in range(self.start, self.order.steps_per_epoch):
-            for a, z in self.order.micro_ranges(i):
-                yield perm[a:z]
+        for a, z in self.order.epoch_ranges(self.start):
+            yield perm[a:z]
 
     def __len__(self) -> int:
         return (self.order.steps_per_epoch - self.start) * self.order.grad_accum
@@ -204,7 +203,7 @@ def stream_in_memory(data: InMemory, order: DataOrder) -> StepStream:
 
     def epoch_iter(epoch: int, start: int) -> Iterator[Any]:
         perm = order.permutation(epoch)
-        ranges = [r for i in range(start, order.steps_per_epoch) for r in order.micro_ranges(i)]
+        ranges = order.epoch_ranges(start)
         if not ranges:
             return
         if not whole_epoch:

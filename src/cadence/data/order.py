@@ -71,6 +71,17 @@ class DataOrder:
         pieces = (_piece(lo, hi, self.grad_accum, m) for m in range(self.grad_accum))
         return [(a, z) for a, z in pieces if z > a]
 
+    def epoch_ranges(self, start_step: int = 0) -> list[tuple[int, int]]:
+        """``micro_ranges`` of every step of the epoch from ``start_step`` on, in order, built in one pass."""
+        g, b, a = self.global_batch, self.batch_size, self.grad_accum
+        full = min(self.length // g, self.steps_per_epoch)  # steps with a whole global batch
+        first = self.rank * a * b
+        ranges = [(i * g + first + m * b, i * g + first + (m + 1) * b) for i in range(start_step, full)
+                  for m in range(a)]
+        for i in range(max(start_step, full), self.steps_per_epoch):  # the short last step, if kept
+            ranges += self.micro_ranges(i)
+        return ranges
+
     def micro_batches(self, perm: torch.Tensor, step_in_epoch: int) -> list[torch.Tensor]:
         """This rank's micro-batch index tensors for one optimizer step (views into ``perm``)."""
         return [perm[a:z] for a, z in self.micro_ranges(step_in_epoch)]
