@@ -7,7 +7,6 @@ itself never calls loggers, callbacks or checkpoints.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,14 @@ from .ema import EMA
 from .errors import bad
 from .evaluate import evaluate
 from .history import History, Metrics
-from .loggers.build import build_loggers, check_loggers
-from .metrics import StepMeans
+from .loggers.build import check_loggers
 from .optim import OptimizerSpec, build_optimizer, carry_state
 from .outputs import Forward
 from .precision import Precision
 from .profiling import StepProfiler
 from .progress import Progress
-from .rundir import claim_run_dir, records_until
+from .records import Records
+from .rundir import claim_run_dir
 from .runs import read_config
 from .schedule import Schedule
 from .signals import StopSignals
@@ -45,9 +44,6 @@ from .stages import Stage, StagePlan
 from .step import StepParts, train_step
 from .stopping import EarlyStopping, should_stop
 from .weights import save_final
-
-# Keys of the loss and the gradient norm among the running means: they cannot clash with a part's name.
-LOSS, GRAD_NORM = " loss", " grad_norm"
 
 
 class Trainer:
@@ -244,12 +240,11 @@ class Trainer:
         self.progress = Progress(self.max_steps, enabled=progress and self.is_main)
         self.should_stop = False
         self.stop_reason: str | None = None
-        self.history = History()
-        self.running = StepMeans()
+        self.records = Records(self, self.callbacks)
+        self.history, self.running = self.records.history, self.records.running
         self.last_val_metrics: dict[str, float] = {}
         self._signals = StopSignals()
         self._resumed = False
-        self._loggers: list[Any] = []
         self._validated_at: int | None = None
         self.records_at_checkpoint: int | None = None
         self._saved_at: int | None = None
@@ -322,12 +317,7 @@ class Trainer:
                     self.step += 1
                     if self.ema is not None:
                         self.ema.update(self.step)
-                    self._log_samples += samples
-                    self.running.add(LOSS, loss)
-                    for name, value in parts.items():
-                        self.running.add(name, value)
-                    if grad_norm is not None:
-                        self.running.add(GRAD_NORM, grad_norm)
+                    self.records.add_step(loss, parts, grad_norm, samples)
                     for hook in on_step_end:
                         hook(self)
                     if self.profiler is not None:
@@ -345,8 +335,8 @@ class Trainer:
                         self.save_checkpoint()
                 self._log_train()
                 if signals.received is not None:
-                    self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "stop",
-                                "reason": f"signal {signals.received}"})
+                    self.records.emit({"step": self.step, "epoch": self.stream.epoch, "split": "train",
+                                       "event": "stop", "reason": f"signal {signals.received}"})
                 if signals.received is None and self.val_data is not None and self._validated_at != self.step:
                     self.validate()
                 if self.checkpoints is not None:
@@ -363,9 +353,7 @@ class Trainer:
                     self.profiler.close()
                 self.progress.close()
                 self.stream.close()
-                for logger in self._loggers:
-                    logger.close()
-                self._loggers = []
+                self.records.close()
         if signals.received is not None:
             self.stop_reason = f"signal {signals.received}"
             raise SystemExit(signals.exit_code)
@@ -386,14 +374,11 @@ class Trainer:
             self._resumed = True
         elif self.step == 0:
             seed_everything(self.seed)
-        if self.run_dir is not None and not self._loggers and self.is_main:
-            path = self.run_dir / "metrics.jsonl"
-            if self.resume is not None:
-                self.history[:] = records_until(path, self.step, self.records_at_checkpoint)
+        if self.run_dir is not None and self.is_main:
             config = read_config(self.run_dir) or {"trainer": self._arguments}  # the CLI writes config.yaml first
-            self._loggers = build_loggers(self.loggers, self.run_dir, config, start_step=self.step)
-        self._fit_start = self._log_time = time.perf_counter()
-        self._log_samples = 0
+            self.records.open(self.loggers, self.run_dir, config, self.step, self.records_at_checkpoint,
+                              resumed=self.resume is not None)
+        self.records.start_clock()
         self.progress.start(self.step)
 
     def save_checkpoint(self) -> Path:
@@ -416,8 +401,8 @@ class Trainer:
                 + "; the weights were not updated. Lower lr, set max_grad_norm, check the data, or pass "
                 "on_nonfinite='skip' to skip such steps.")
         self.progress.message(f"skipped {where}: non-finite loss ({self.nonfinite_total} so far)")
-        self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "nonfinite",
-                    "value": float(loss), "skipped_total": self.nonfinite_total})
+        self.records.emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "nonfinite",
+                           "value": float(loss), "skipped_total": self.nonfinite_total})
 
     def _done(self) -> bool:
         if self.env.distributed:  # a stop or a signal on any rank stops every rank at the same step
@@ -448,43 +433,16 @@ class Trainer:
         if reason is not None:
             self.should_stop, self.stop_reason = True, reason
             self.progress.message(f"step {self.step}: {reason}")
-            self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "stop",
-                        "reason": reason})
+            self.records.emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "stop",
+                               "reason": reason})
 
     def _log_train(self) -> None:
-        """Read the running means (one transfer) and log them; also the summary of each epoch that ended."""
-        if not self.running:
-            return
-        values, epochs = self.running.read(self.strategy.all_reduce if self.env.distributed else None,
-                                           self.world_size)
-        for step, epoch, means in epochs:  # the mean of the loss and every part over a whole epoch
-            means.pop(GRAD_NORM, None)
-            self._emit({"step": step, "epoch": epoch, "split": "train_epoch", "loss": means.pop(LOSS),
-                        "parts": means})
-        if not values:
-            return
-        now = time.perf_counter()
-        record = {
-            "step": self.step,
-            "epoch": self.stream.epoch,
-            "split": "train",
-            "loss": values.pop(LOSS),
-            **({"grad_norm": values.pop(GRAD_NORM)} if GRAD_NORM in values else {}),
-            "parts": values,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "samples_per_s": self._log_samples / max(now - self._log_time, 1e-9),
-            "elapsed_s": now - self._fit_start,
-        }
-        self._log_time, self._log_samples = now, 0
-        self._emit(record)
-        self.progress.logged(self.step, {"loss": record["loss"], "lr": record["lr"]})
-
-    def _emit(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        for logger in self._loggers:
-            logger.log(record)
-        for hook in cbs.bind(self.callbacks, "on_log"):
-            hook(self, record)
+        """Log the running means at a log point (one host transfer)."""
+        record = self.records.log_train(self.step, self.stream.epoch, self.optimizer.param_groups[0]["lr"],
+                                        self.strategy.all_reduce if self.env.distributed else None,
+                                        self.world_size)
+        if record is not None:
+            self.progress.logged(self.step, {"loss": record["loss"], "lr": record["lr"]})
 
     # ----------------------------------------------------------------------------------------- validation
     def validate(self) -> Metrics:
@@ -506,8 +464,8 @@ class Trainer:
                              self._parts.inputs, self._parts.loss_weights,
                              self.strategy.all_reduce if self.env.distributed else None)
             result.update({f"{split}/{k}": v for k, v in means.items()})
-            self._emit({"step": self.step, "epoch": self.stream.epoch, "split": split, "loss": means.pop("loss"),
-                        "parts": means})
+            self.records.emit({"step": self.step, "epoch": self.stream.epoch, "split": split,
+                               "loss": means.pop("loss"), "parts": means})
         self.model.train()
         self._validated_at = self.step
         self.last_val_metrics = dict(result)
