@@ -24,10 +24,13 @@ N, B, SEED = 50, 16, 0  # 50 % 16 != 0: every epoch ends with a partial batch of
 
 
 def hand_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, steps: int, seed: int,
-              lr: float = 1e-2, max_grad_norm: float | None = 0.5) -> list[torch.Tensor]:
-    """The reference trainer: contract order, AdamW, clipping. Returns the index batches it used."""
+              lr: float = 1e-2, max_grad_norm: float | None = 0.5, weight_decay: float = 0.0) -> list[torch.Tensor]:
+    """The reference trainer: contract order, AdamW (decay on matrices only), clipping over
+    ``model.parameters()``. Returns the index batches it used."""
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups if weight_decay else params, lr=lr, weight_decay=0.0)
     used: list[torch.Tensor] = []
     epoch = 0
     model.train()
@@ -64,6 +67,29 @@ def test_bitwise_parity_with_hand_written_loop(seed):
     assert t.step == steps
     assert sum(len(i) for i in used) == steps * B - 7 * (B - 2)  # the partial batches were really taken
     assert_weights_changed(initial, model)
+    assert_weights_equal(model, reference)
+
+
+class DeepMLP(MLP):
+    """Eight layers, 16 parameter tensors: enough terms that the order of the clipping norm's sum shows."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        torch.manual_seed(seed)
+        layers = [nn.Linear(8, 32), nn.ReLU()] + [m for _ in range(6) for m in (nn.Linear(32, 32), nn.Tanh())]
+        self.net = nn.Sequential(*layers, nn.Linear(32, 2))
+
+
+def test_bitwise_parity_with_weight_decay_groups():
+    """Two parameter groups (decayed matrices first): the clipping norm still sums in the model's order."""
+    x, y = make_data(N)
+    model = DeepMLP(seed=1)
+    reference = clone(model)
+    t = trainer(model, (x, y), batch_size=B, max_steps=12, optimizer="adamw", lr=1e-2, weight_decay=0.1,
+                max_grad_norm=0.5)
+    t.fit()
+    hand_loop(reference, x, y, batch_size=B, steps=12, seed=0, weight_decay=0.1)
+    assert len(t.optimizer.param_groups) == 2
     assert_weights_equal(model, reference)
 
 

@@ -286,7 +286,9 @@ class Trainer:
         # Each group's own starting rate; the schedule scales it (a group at cadence's lr gets the schedule's rate).
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self._parts.optimizer = self.optimizer
-        self._parts.params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        # in the model's order, as a hand-written clip_grad_norm_(model.parameters()) sums the norms
+        trained = {id(p) for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad}
+        self._parts.params = [p for p in self.model.parameters() if id(p) in trained]
 
     # ----------------------------------------------------------------------------------------- the loop
     def fit(self) -> History:
