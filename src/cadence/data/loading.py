@@ -42,7 +42,8 @@ class InMemory:
     def take(self, index: torch.Tensor | int) -> Any:
         """The rows ``index`` (a 1-D index tensor; an int gives one item)."""
         if isinstance(index, torch.Tensor):  # index_select: the same rows as t[index], with less dispatch work
-            picked = [t.index_select(0, index if index.device == t.device else index.to(t.device))
+            # tensors on a GPU: the index goes over without a host sync (it is not touched again on the host)
+            picked = [t.index_select(0, index if index.device == t.device else index.to(t.device, non_blocking=True))
                       for t in self.tensors]
         else:
             picked = [t[index] for t in self.tensors]
