@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from cadence.data import loading
 from cadence.data.order import DataOrder
 from helpers import (
     MLP,
@@ -110,12 +111,14 @@ def indexed(n: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("grad_accum,drop_last", [(1, False), (1, True), (2, False), (3, False), (3, True)])
-@pytest.mark.parametrize("kind", ["in_memory", "map_style"])
-def test_trainer_visits_items_in_contract_order(kind, grad_accum, drop_last):
+@pytest.mark.parametrize("kind", ["in_memory", "in_memory_by_batch", "map_style"])
+def test_trainer_visits_items_in_contract_order(kind, grad_accum, drop_last, monkeypatch):
     n, b, seed, steps = 23, 3, 4, 7
     data = indexed(n)
     if kind == "map_style":
         data = PairDataset(*data)
+    if kind == "in_memory_by_batch":  # data too large to gather per epoch: gathered micro-batch by micro-batch
+        monkeypatch.setattr(loading, "GATHER_EPOCH_BYTES", 0)
     model = IndexedMLP()
     t = trainer(model, data, batch_size=b, grad_accum=grad_accum, max_steps=steps, seed=seed, drop_last=drop_last)
     t.fit()

@@ -193,14 +193,15 @@ class StepStream:
         self._it = None
 
 
-# In-memory data up to this size is gathered once per epoch, in this rank's order, and each micro-batch is
-# a contiguous slice of the copy (one gather per epoch instead of one per batch); larger data is gathered
-# batch by batch, so it is never held twice.
+# In-memory data on the host up to this size is gathered once per epoch, in this rank's order, and each
+# micro-batch is a contiguous slice of the copy (one gather per epoch instead of one per batch). Larger data,
+# and data already on an accelerator (whose memory is scarcer and where a gather is one asynchronous kernel),
+# is gathered batch by batch, so it is never held twice.
 GATHER_EPOCH_BYTES = 512 * 2**20
 
 
 def stream_in_memory(data: InMemory, order: DataOrder) -> StepStream:
-    whole_epoch = data.nbytes() <= GATHER_EPOCH_BYTES
+    whole_epoch = data.nbytes() <= GATHER_EPOCH_BYTES and all(t.device.type == "cpu" for t in data.tensors)
 
     def epoch_iter(epoch: int, start: int) -> Iterator[Any]:
         perm = order.permutation(epoch)
