@@ -23,14 +23,14 @@ Run from the repository root::
 from __future__ import annotations
 
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
+
+from examples.run import run_recipe
 
 CONFIG = Path(__file__).with_suffix(".yaml")
 PAD = 0  # the text token used for padding
@@ -110,18 +110,7 @@ class MuLaN(nn.Module):
 def main(argv: list[str] | None = None) -> int:
     """``python -m examples.mulan [overrides]``: ``cadence fit`` on this recipe's YAML, then its first and last
     logged training loss. Overrides are ``cadence fit`` options (``--trainer.max_steps 50``, ``--run-dir D``)."""
-    from cadence.cli.main import main as cadence
-    from cadence.runs import read_records
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    run = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{CONFIG.stem}")
-    for i, arg in enumerate(argv[:-1]):
-        run = Path(argv[i + 1]) if arg in ("--run-dir", "--run_dir") else run
-    code = cadence(["fit", "--config", str(CONFIG), "--run-dir", str(run), *argv])
-    if code == 0:
-        losses = [r["loss"] for r in read_records(run) if r["split"] == "train" and "loss" in r]
-        print(f"{CONFIG.stem}: first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}", flush=True)
-    return code
+    return run_recipe(CONFIG, argv)
 
 
 if __name__ == "__main__":
