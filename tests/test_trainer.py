@@ -492,6 +492,18 @@ def test_optimizer_instance_is_used_as_is():
     assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
 
 
+def test_params_are_the_models_in_order_then_other_tensors_the_optimizer_trains():
+    """Clipping (and the num_items division) covers every trained tensor, the model's in their own order."""
+    model = MLP()
+    scale = torch.nn.Parameter(torch.ones(()))  # trained alongside the model, not part of it
+    opt = torch.optim.SGD([{"params": [scale]}, {"params": list(model.parameters())[::-1]}], lr=0.05)
+    forward = lambda m, batch: m(*batch) * scale  # noqa: E731
+    t = trainer(model, make_data(20), batch_size=8, max_steps=2, optimizer=opt, forward=forward, max_grad_norm=0.1)
+    assert [id(q) for q in t.params] == [id(q) for q in model.parameters()] + [id(scale)]
+    t.fit()
+    assert not torch.equal(scale.detach(), torch.ones(()))
+
+
 def test_lion_update_matches_its_formula():
     torch.manual_seed(0)
     p = torch.randn(4, 3, requires_grad=True)

@@ -286,9 +286,12 @@ class Trainer:
         # Each group's own starting rate; the schedule scales it (a group at cadence's lr gets the schedule's rate).
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self._parts.optimizer = self.optimizer
-        # in the model's order, as a hand-written clip_grad_norm_(model.parameters()) sums the norms
-        trained = {id(p) for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad}
-        self._parts.params = [p for p in self.model.parameters() if id(p) in trained]
+        # in the model's order, as a hand-written clip_grad_norm_(model.parameters()) sums the norms; then any
+        # tensor an optimizer passed in trains besides the model's
+        trained = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        ids, in_model = {id(p) for p in trained}, {id(p) for p in self.model.parameters()}
+        self._parts.params = ([p for p in self.model.parameters() if id(p) in ids]
+                              + [p for p in trained if id(p) not in in_model])
 
     # ----------------------------------------------------------------------------------------- the loop
     def fit(self) -> History:
