@@ -154,3 +154,14 @@ class Events:
 
     def steps_of(self, event: str) -> list[int]:
         return [s for e, s in self.calls if e == event]
+
+
+class CrashAt:
+    """Raises at the end of step ``step``: a crash after that step's update, before its checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Any) -> None:
+        if trainer.step == self.step:
+            raise RuntimeError(f"simulated crash at step {trainer.step}")

@@ -85,17 +85,6 @@ def build(run_dir: Path | str | None, data: Any = None, model: nn.Module | None 
                    run_dir=run_dir, **settings(**overrides))
 
 
-class CrashAt:
-    """Raises at the end of step ``step``: a crash after that step's update, before its checkpoint."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.step == self.step:
-            raise RuntimeError(f"simulated crash at step {trainer.step}")
-
-
 class StartedAt:
     """Records the step each ``fit()`` starts from (after a resume: the checkpoint's step)."""
 

@@ -26,8 +26,8 @@ import cadence.checkpoint.format as ckpt_format
 import cadence.checkpoint.snapshot as snapshot
 from cadence import ConfigError
 from cadence.checkpoint import CheckpointError, Checkpoints, verify
-from helpers import MLP, assert_weights_equal, make_data, trainer
-from resume_worker import CrashAt, StartedAt, build
+from helpers import MLP, CrashAt, assert_weights_equal, make_data, trainer
+from resume_worker import StartedAt, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cadence import EMA, ConfigError, EarlyStopping, Stage, Trainer
-from helpers import MLP, make_data
+from helpers import MLP, CrashAt, make_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -269,14 +269,9 @@ def resumed_epoch_runs(tmp_path: Path) -> tuple[Trainer, list[dict[str, Any]]]:
     """The reference and the records of a run crashed at step 9 and resumed from its checkpoint at step 7, where
     the summary of epoch 0 (steps 1-6) was not yet logged (log_every=4: it comes out at step 8)."""
 
-    class Crash:
-        def on_step_end(self, trainer: Trainer) -> None:
-            if trainer.step == 9:
-                raise RuntimeError("simulated crash")
-
     reference = epoch_run(log_every=4, run_dir=tmp_path / "ref", checkpoint_every=7)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        epoch_run(log_every=4, run_dir=tmp_path / "run", checkpoint_every=7, callbacks=[Crash()])
+        epoch_run(log_every=4, run_dir=tmp_path / "run", checkpoint_every=7, callbacks=[CrashAt(9)])
     epoch_run(log_every=4, run_dir=tmp_path / "run", checkpoint_every=7, resume="auto")
     return reference, records(tmp_path / "run")
 
@@ -371,15 +366,6 @@ class Scripted:
         return torch.tensor(self.curve[min(self.trainer.step // 2 - 1, len(self.curve) - 1)])
 
 
-class Crash:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def everything(run: Path, **kw: Any) -> Trainer:
     scripted = Scripted([1.0, 0.5, 0.75, 0.75, 0.75, 0.25])  # patience 3: stops at step 10
     t = build(
@@ -407,7 +393,7 @@ def test_kill_and_resume_with_ema_early_stopping_stages_and_two_sources(tmp_path
     assert "val/s" in reference.stop_reason
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        everything(tmp_path / "run", callbacks=[Crash(8)]).fit()  # the newest checkpoint is step 6 (stage 2)
+        everything(tmp_path / "run", callbacks=[CrashAt(8)]).fit()  # the newest checkpoint is step 6 (stage 2)
     resumed = everything(tmp_path / "run", resume="auto")
     resumed.fit()
 

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from cadence import ConfigError
-from helpers import make_data
-from resume_worker import N_ITEMS, CrashAt, DropoutNet, Items, StartedAt, build
+from helpers import CrashAt, make_data
+from resume_worker import N_ITEMS, DropoutNet, Items, StartedAt, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

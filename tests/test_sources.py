@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cadence import ConfigError, Trainer
-from helpers import MLP, IndexedMLP, contract_batches, make_data
+from helpers import MLP, CrashAt, IndexedMLP, contract_batches, make_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,20 +188,13 @@ def test_bad_sources_are_refused():
 
 
 # ------------------------------------------------------------------------------------------------ resume
-class Crash:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def assert_resumes_exactly(tmp_path: Path, make: Any, crash_at: int) -> tuple[Trainer, Trainer]:
     reference = make(tmp_path / "ref")
     reference.fit()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        make(tmp_path / "run", callbacks=[Crash(crash_at)]).fit()
+        make(tmp_path / "run", callbacks=[CrashAt(crash_at)]).fit()
     resumed = make(tmp_path / "run", resume="auto")
     resumed.fit()
     assert resumed.step == reference.step

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cadence import ConfigError, Stage, Trainer
+from helpers import CrashAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,15 +215,6 @@ def test_a_later_stage_with_bad_param_groups_is_refused_before_training(groups):
         build(stages=[Stage(steps=2), Stage(steps=2, param_groups=groups)])
 
 
-class Crash:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def resume_case(tmp_path: Path, stages: list[Stage], checkpoint_every: int, crash_at: int,
                 model: type[nn.Module] = Net) -> None:
     def make(run: Path, **kw: Any) -> Trainer:
@@ -232,7 +224,7 @@ def resume_case(tmp_path: Path, stages: list[Stage], checkpoint_every: int, cras
     reference = make(tmp_path / "ref")
     reference.fit()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        make(tmp_path / "run", callbacks=[Crash(crash_at)]).fit()
+        make(tmp_path / "run", callbacks=[CrashAt(crash_at)]).fit()
     resumed = make(tmp_path / "run", resume="auto")
     resumed.fit()
     assert resumed.step == reference.step

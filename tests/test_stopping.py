@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cadence import ConfigError, EarlyStopping, Trainer
+from helpers import CrashAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,15 +153,6 @@ def test_stopping_state_round_trips():
     assert fresh.observe({"val/loss": 0.75}) is False and fresh.observe({"val/loss": 0.75}) is True
 
 
-class Crash:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 CURVE = [1.0, 0.5, 0.75, 0.75, 0.75, 0.25, 0.125]  # patience 3: stops at step 10
 
 
@@ -178,7 +170,7 @@ def test_stopping_state_survives_resume(tmp_path):
 
     # the checkpoint at step 6 holds one bad validation (at step 6); a stopper that forgot it would stop at 14
     with pytest.raises(RuntimeError, match="simulated crash"):
-        make(tmp_path / "run", callbacks=[Crash(7)]).fit()
+        make(tmp_path / "run", callbacks=[CrashAt(7)]).fit()
     resumed = make(tmp_path / "run", resume="auto")
     resumed.fit()
     assert resumed.step == 10
