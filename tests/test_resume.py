@@ -316,8 +316,11 @@ class Server:
 
     def close(self) -> None:
         self.proc.stdin.close()
+        deadline = time.monotonic() + 60
         try:
-            self.proc.wait(timeout=60)
+            while not self.eof and time.monotonic() < deadline:  # keep reading: a full pipe would stall the server
+                self.read(0.5)
+            self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
