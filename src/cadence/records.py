@@ -1,4 +1,4 @@
-"""Where the loop's records go: the history ``fit()`` returns, the loggers, and ``on_log`` callbacks.
+"""Where the loop's records go: the history ``fit()`` returns and the loggers (the Trainer adds ``on_log``).
 
 A record is a flat dict (``step``, ``epoch``, ``split``, ``loss``, ``parts``...). The training records come
 from the running means, read once per log point; each epoch that ended since the last read also gives a
@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from . import callbacks as cbs
 from .history import History
 from .loggers.build import build_loggers
 from .metrics import StepMeans
@@ -25,9 +24,7 @@ LOSS, GRAD_NORM = " loss", " grad_norm"
 
 
 class Records:
-    def __init__(self, trainer: Any, callbacks: Sequence[Any]) -> None:
-        self.trainer = trainer  # passed to on_log callbacks
-        self.callbacks = callbacks
+    def __init__(self) -> None:
         self.history = History()
         self.running = StepMeans()
         self.loggers: list[Any] = []
@@ -59,20 +56,19 @@ class Records:
 
     def log_train(self, step: int, epoch: int, lr: float,
                   all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  world_size: int = 1) -> dict[str, Any] | None:
-        """Read the running means (one transfer) and emit them, after the summary of each epoch that ended.
-
-        Returns the training record, or None when no step ran since the last one.
-        """
+                  world_size: int = 1) -> list[dict[str, Any]]:
+        """Read the running means (one transfer): the summary of each epoch that ended, then the training record
+        of this log point (none when no step ran since the last one). The caller emits them."""
         if not self.running:
-            return None
+            return []
         values, epochs = self.running.read(all_reduce, world_size)
+        out = []
         for end_step, end_epoch, means in epochs:
             means.pop(GRAD_NORM, None)
-            self.emit({"step": end_step, "epoch": end_epoch, "split": "train_epoch", "loss": means.pop(LOSS),
-                       "parts": means})
+            out.append({"step": end_step, "epoch": end_epoch, "split": "train_epoch", "loss": means.pop(LOSS),
+                        "parts": means})
         if not values:
-            return None
+            return out
         now = time.perf_counter()
         record = {
             "step": step,
@@ -86,15 +82,12 @@ class Records:
             "elapsed_s": now - self._start,
         }
         self._last, self._samples = now, 0
-        self.emit(record)
-        return record
+        return [*out, record]
 
     def emit(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         for logger in self.loggers:
             logger.log(record)
-        for hook in cbs.bind(self.callbacks, "on_log"):
-            hook(self.trainer, record)
 
     def close(self) -> None:
         for logger in self.loggers:

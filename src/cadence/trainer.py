@@ -240,7 +240,7 @@ class Trainer:
         self.progress = Progress(self.max_steps, enabled=progress and self.is_main)
         self.should_stop = False
         self.stop_reason: str | None = None
-        self.records = Records(self, self.callbacks)
+        self.records = Records()
         self.history, self.running = self.records.history, self.records.running
         self.last_val_metrics: dict[str, float] = {}
         self._signals = StopSignals()
@@ -340,7 +340,7 @@ class Trainer:
                         self.save_checkpoint()
                 self._log_train()
                 if signals.received is not None:
-                    self.records.emit({"step": self.step, "epoch": self.stream.epoch, "split": "train",
+                    self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train",
                                        "event": "stop", "reason": f"signal {signals.received}"})
                 if signals.received is None and self.val_data is not None and self._validated_at != self.step:
                     self.validate()
@@ -406,7 +406,7 @@ class Trainer:
                 + "; the weights were not updated. Lower lr, set max_grad_norm, check the data, or pass "
                 "on_nonfinite='skip' to skip such steps.")
         self.progress.message(f"skipped {where}: non-finite loss ({self.nonfinite_total} so far)")
-        self.records.emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "nonfinite",
+        self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "nonfinite",
                            "value": float(loss), "skipped_total": self.nonfinite_total})
 
     def _done(self) -> bool:
@@ -438,16 +438,22 @@ class Trainer:
         if reason is not None:
             self.should_stop, self.stop_reason = True, reason
             self.progress.message(f"step {self.step}: {reason}")
-            self.records.emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "stop",
+            self._emit({"step": self.step, "epoch": self.stream.epoch, "split": "train", "event": "stop",
                                "reason": reason})
 
     def _log_train(self) -> None:
-        """Log the running means at a log point (one host transfer)."""
-        record = self.records.log_train(self.step, self.stream.epoch, self.optimizer.param_groups[0]["lr"],
-                                        self.strategy.all_reduce if self.env.distributed else None,
-                                        self.world_size)
-        if record is not None:
-            self.progress.logged(self.step, {"loss": record["loss"], "lr": record["lr"]})
+        """Log the running means at a log point (one host transfer), after the summaries of epochs that ended."""
+        for record in self.records.log_train(self.step, self.stream.epoch, self.optimizer.param_groups[0]["lr"],
+                                             self.strategy.all_reduce if self.env.distributed else None,
+                                             self.world_size):
+            self._emit(record)
+            if record["split"] == "train":
+                self.progress.logged(self.step, {"loss": record["loss"], "lr": record["lr"]})
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.records.emit(record)
+        for hook in cbs.bind(self.callbacks, "on_log"):
+            hook(self, record)
 
     # ----------------------------------------------------------------------------------------- validation
     def validate(self) -> Metrics:
@@ -469,7 +475,7 @@ class Trainer:
                              self._parts.inputs, self._parts.loss_weights,
                              self.strategy.all_reduce if self.env.distributed else None)
             result.update({f"{split}/{k}": v for k, v in means.items()})
-            self.records.emit({"step": self.step, "epoch": self.stream.epoch, "split": split,
+            self._emit({"step": self.step, "epoch": self.stream.epoch, "split": split,
                                "loss": means.pop("loss"), "parts": means})
         self.model.train()
         self._validated_at = self.step
