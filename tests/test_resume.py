@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -147,6 +148,21 @@ def test_resume_with_workers_in_a_map_style_dataset(tmp_path, reference):
     assert started == [9]
     expected, _ = reference("map-style-workers", **kw)
     assert_state_equal(t.model.state_dict(), expected)
+
+
+def test_fit_leaves_no_loader_workers_running(tmp_path):
+    """Persistent DataLoader workers end with fit(), finished or crashed, not when the Trainer is collected."""
+    kw = dict(data=Items(*make_data(N_ITEMS, seed=1)), num_workers=2)
+    t = build(tmp_path / "run", max_steps=4, **kw)
+    t.fit()
+    assert multiprocessing.active_children() == []
+    crashed = build(tmp_path / "crash", callbacks=[CrashAt(3)], **kw)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit()
+    assert multiprocessing.active_children() == []
+    t.max_steps = 8  # a second fit() starts the workers again
+    t.fit()
+    assert t.step == 8 and multiprocessing.active_children() == []
 
 
 def test_resume_from_an_explicit_checkpoint_or_run_folder(tmp_path, reference):

@@ -134,8 +134,10 @@ class StepStream:
     """
 
     def __init__(self, epoch_iter: Callable[[int, int], Iterator[Any]], grad_accum: int,
-                 steps_per_epoch: int | None, exact_position: bool, order: DataOrder | None = None) -> None:
+                 steps_per_epoch: int | None, exact_position: bool, order: DataOrder | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self._epoch_iter = epoch_iter
+        self._on_close = on_close
         self.order = order
         self.grad_accum = grad_accum
         self.steps_per_epoch = steps_per_epoch
@@ -191,6 +193,8 @@ class StepStream:
 
     def close(self) -> None:
         self._it = None
+        if self._on_close is not None:
+            self._on_close()
 
 
 # In-memory data on the host up to this size is gathered once per epoch, in this rank's order, and each
@@ -236,7 +240,14 @@ def stream_map_style(data: Dataset, order: DataOrder, collate_fn: Callable | Non
         generator.manual_seed(order.seed * 100_003 + epoch)
         return iter(loader)
 
-    return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True, order=order)
+    def shut_down_workers() -> None:  # persistent workers end with fit(), not whenever the loader is collected
+        workers = getattr(loader, "_iterator", None)
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
+            loader._iterator = None
+
+    return StepStream(epoch_iter, order.grad_accum, order.steps_per_epoch, exact_position=True, order=order,
+                      on_close=shut_down_workers if num_workers > 0 else None)
 
 
 def stream_loader(loader: Iterable, grad_accum: int) -> StepStream:
