@@ -1,7 +1,7 @@
 """A training script run under torchrun (or alone) by tests/test_distributed.py.
 
 usage: dist_worker.py OUT_DIR [--strategy S] [--grad-accum N] [--steps N] [--checkpoint-every N] [--resume]
-                              [--crash-at-step N --crash-rank R] [--nan-at-step N] [--signal-at-step N --signal-rank R]
+                              [--crash-at-step N --crash-rank R] [--nan-at-step N] [--signal-at-step N --signal-rank R] [--augment]
 Writes OUT_DIR/weights-rank{R}.safetensors with the final weights of each rank.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import sys
 from pathlib import Path
@@ -39,6 +40,19 @@ class Model(nn.Module):
         return {"loss": loss, "acc": (logits.argmax(1) == y).float().mean()}
 
 
+class Augmented(torch.utils.data.Dataset):
+    """A map-style dataset whose items draw random noise (augmentation), for --augment."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + 0.1 * torch.randn(8) + random.random(), self.y[i]
+
+
 class Fault:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -66,6 +80,7 @@ def main() -> None:
     parser.add_argument("--signal-rank", type=int, default=0)
     parser.add_argument("--nan-at-step", type=int, default=None)
     parser.add_argument("--nan-rank", type=int, default=1)
+    parser.add_argument("--augment", action="store_true", help="train on a map-style dataset with random noise")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -77,7 +92,8 @@ def main() -> None:
     if args.nan_at_step is not None and int(os.environ.get("RANK", 0)) == args.nan_rank:
         model.nan_at = args.nan_at_step
     run_dir = out / "run" if args.checkpoint_every else None
-    trainer = Trainer(model, (x, y), val_data=(x[:30], y[:30]), batch_size=args.batch_size, max_steps=args.steps,
+    train = Augmented(x, y) if args.augment else (x, y)
+    trainer = Trainer(model, train, val_data=(x[:30], y[:30]), batch_size=args.batch_size, max_steps=args.steps,
                       grad_accum=args.grad_accum, lr=0.05, schedule="cosine", warmup_steps=2, max_grad_norm=1.0,
                       val_every=5, log_every=3, strategy=args.strategy, device="cpu", progress=False,
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every,

@@ -147,3 +147,19 @@ def test_cadence_fit_nproc_launches_through_torchrun(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: step=12") == 1  # rank 0 alone reports
     assert (run / "config.yaml").exists() and (run / "final" / "model.safetensors").exists()
+
+
+def test_augmented_items_are_the_same_at_one_and_two_processes_and_resume_bitwise(tmp_path: Path) -> None:
+    """Items drawing random noise in __getitem__: seeded per item, two processes see what one process with twice
+    the accumulation sees; a SIGTERM mid-run and a resume end where the uninterrupted run does."""
+    one = single(tmp_path / "one", "--grad-accum", "2", "--augment")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(tmp_path / "two", "--augment", "--checkpoint-every", "4")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    cut = tmp_path / "cut"
+    stopped = torchrun(cut, "--augment", "--checkpoint-every", "4", "--signal-at-step", "6")
+    assert "exitcode  : 143" in stopped.stderr
+    resumed = torchrun(cut, "--augment", "--checkpoint-every", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_equal(weights(cut), weights(tmp_path / "two"))

@@ -75,6 +75,8 @@ class Trainer:
         collate_fn: how a list of items becomes a batch (map-style datasets).
         num_workers: DataLoader worker processes (map-style datasets).
         drop_last: drop the last, partial global batch of each epoch.
+        item_seeding: seed each item's random draws in __getitem__ from (seed, epoch, index), so augmentation
+            resumes exactly and is the same with any num_workers (docs/trainer.md, the data order contract).
         shuffle: visit each epoch in a seeded random order (the data order contract).
         log_every: read and log the running means every N steps.
         seed: seeds the data order and, at the start of fit(), torch, numpy and random.
@@ -138,6 +140,7 @@ class Trainer:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0,
         drop_last: bool = False,
+        item_seeding: bool = True,
         shuffle: bool = True,
         log_every: int = 50,
         seed: int = 0,
@@ -192,7 +195,8 @@ class Trainer:
         self.forward, self.metric_fns = forward, dict(metrics or {})
 
         settings = DataSettings(batch_size, grad_accum, seed, shuffle, drop_last, collate_fn, num_workers,
-                                self.device.type == "cuda", sampler, balance_by, self.world_size, self.rank)
+                                self.device.type == "cuda", sampler, balance_by, self.world_size, self.rank,
+                                item_seeding=item_seeding)
         data = prepare(train_data, val_data, settings, valid_frac=valid_frac, split_by=split_by,
                        split_seed=split_seed, mix=mix, source_weights=source_weights)
         self.stream, self.val_data, self.data_length = data.stream, data.val_data, data.length

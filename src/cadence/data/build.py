@@ -33,6 +33,7 @@ class DataSettings:
     balance_by: Callable[[Any], Hashable] | None = None
     world_size: int = 1
     rank: int = 0
+    item_seeding: bool = True
 
 
 @dataclass
@@ -105,4 +106,4 @@ def _stream(data: Any, s: DataSettings, seed: int, name: str) -> StepStream:
                   "drop_last=False.")
     if isinstance(data, InMemory):
         return stream_in_memory(data, order)
-    return stream_map_style(data, order, s.collate_fn, s.num_workers, s.pin_memory)
+    return stream_map_style(data, order, s.collate_fn, s.num_workers, s.pin_memory, s.item_seeding)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from ..errors import bad
 from .order import DataOrder
+from .seeding import SeededItems
 
 _END = object()
 
@@ -112,18 +113,25 @@ def batch_size_of(batch: Any) -> int:
 class _OrderSampler:
     """Yields this rank's micro-batch index lists for one epoch, from a chosen step on."""
 
-    def __init__(self, order: DataOrder) -> None:
+    def __init__(self, order: DataOrder, keyed: bool = False) -> None:
         self.order = order
+        self.keyed = keyed  # yield (epoch, micro-batch number, indices) for SeededItems
         self.epoch = 0
         self.start = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[Any]:
         perm = self.order.permutation(self.epoch).tolist()  # one conversion per epoch, list slices per batch
-        for a, z in self.order.epoch_ranges(self.start):
-            yield perm[a:z]
+        first = self.start * self.order.grad_accum
+        for m, (a, z) in enumerate(self.order.epoch_ranges(self.start), start=first):
+            yield (self.epoch, m, perm[a:z]) if self.keyed else perm[a:z]
 
     def __len__(self) -> int:
         return (self.order.steps_per_epoch - self.start) * self.order.grad_accum
+
+
+def _empty() -> Exception:
+    return bad("train_data", "an epoch with no batches",
+               "the training data yielded nothing; check the dataset is not empty.")
 
 
 class StepStream:
@@ -151,29 +159,56 @@ class StepStream:
     def _open(self) -> None:
         start = self.position if self.exact_position else 0
         self._it = self._epoch_iter(self.epoch, start)
-        self._next = next(self._it, _END)
         if not self.exact_position:  # replay: skip the micro-batches already consumed
             for _ in range(self.position * self.grad_accum):
-                self._next = next(self._it, _END)
-        if self._next is _END and self.position == 0:
-            raise bad("train_data", "an epoch with no batches",
-                      "the training data yielded nothing; check the dataset is not empty.")
+                if next(self._it, _END) is _END:
+                    break
+        if self.steps_per_epoch is None:  # an epoch of unknown length ends where the iterator does: look ahead
+            self._next = next(self._it, _END)
+            if self._next is _END and self.position == 0:
+                raise _empty()
 
     def next_step(self) -> list[Any]:
-        """The next step's micro-batches (moving to a new epoch first if the last one ended)."""
+        """The next step's micro-batches (moving to a new epoch first if the last one ended).
+
+        Nothing of the step after is built here: a dataset, ``collate_fn`` or worker seed that draws random
+        numbers draws them when that step is taken, after the checkpoint of this one (whose RNG state is then
+        the one a resume starts from). Only data of unknown length is read one micro-batch ahead.
+        """
         if self.end_of_epoch:
+            if self._it is not None:  # run the last epoch's iterator out, as a `for` loop over it would
+                next(self._it, _END)
             self.epoch += 1
             self.position = 0
             self.end_of_epoch = False
             self._it = None
         if self._it is None:
             self._open()
+        if self.steps_per_epoch is None:
+            return self._next_looking_ahead()
+        micro = []
+        while len(micro) < self.grad_accum:
+            batch = next(self._it, _END)
+            if batch is _END:
+                break
+            micro.append(batch)
+        if not micro:
+            if self.position == 0:
+                raise _empty()
+            # a loader passed in yielded fewer batches than its len(): its epoch ends here
+            self.end_of_epoch = True
+            return self.next_step()
+        self.position += 1
+        self.end_of_epoch = self.position == self.steps_per_epoch or len(micro) < self.grad_accum
+        return micro
+
+    def _next_looking_ahead(self) -> list[Any]:
         micro = []
         while len(micro) < self.grad_accum and self._next is not _END:
             micro.append(self._next)
             self._next = next(self._it, _END)
         self.position += 1
-        self.end_of_epoch = self._next is _END or self.position == self.steps_per_epoch
+        self.end_of_epoch = self._next is _END
         return micro
 
     def last_total(self) -> int | None:
@@ -226,8 +261,11 @@ def stream_in_memory(data: InMemory, order: DataOrder) -> StepStream:
 
 
 def stream_map_style(data: Dataset, order: DataOrder, collate_fn: Callable | None, num_workers: int,
-                     pin_memory: bool) -> StepStream:
-    sampler = _OrderSampler(order)
+                     pin_memory: bool, item_seeding: bool = True) -> StepStream:
+    seeded = item_seeding or num_workers > 0  # see data/seeding.py
+    if seeded:
+        data = SeededItems(data, order.seed, per_item=item_seeding)
+    sampler = _OrderSampler(order, keyed=seeded)
     # A private generator keeps the loader from drawing its worker base seed from the global RNG, so the
     # model's random stream (dropout) is the same whether or not a run was resumed.
     generator = torch.Generator()
