@@ -1,5 +1,6 @@
 """Several training sources (mix="each" equal to a hand-written loop, mix="sample" seeded and by weight, each
-source its own position, bad sources refused, exact resume) and balanced sampling."""
+source its own position, bad sources refused, exact resume) and balanced sampling (by a callable or by labels
+given one per item, per source with {"source": value})."""
 
 from __future__ import annotations
 
@@ -300,3 +301,93 @@ def test_balanced_sampling_resumes_exactly(tmp_path):
     reference, resumed = assert_resumes_exactly(tmp_path, make, crash_at=14)  # resumes from step 12 (epoch 2)
     assert len(resumed.model.seen) == 13
     assert all(torch.equal(u, v) for u, v in zip(reference.model.seen[12:], resumed.model.seen))
+
+
+# ---------------------------------------------------------------------------------------- labels given, per source
+@pytest.mark.parametrize("as_kind", [list, torch.tensor, "numpy"])
+def test_balance_by_a_sequence_of_labels_equals_the_callable(as_kind):
+    import numpy as np
+
+    _, y, _ = imbalanced()
+    labels = y.numpy() if as_kind == "numpy" else as_kind(y.tolist())
+    by_callable, _ = balanced_draws(seed=0)
+    for data in (imbalanced(), Items(*imbalanced())):
+        given, _ = balanced_draws(seed=0, data=data, balance_by=labels)
+        assert all(torch.equal(u, v) for u, v in zip(given, by_callable))
+    assert isinstance(labels, (list, torch.Tensor, np.ndarray))
+
+
+class CountingItems(Items):
+    """Counts item reads, to show that labels given up front need no pass over the items."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.reads = 0
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def test_balance_by_labels_reads_no_item_up_front():
+    data = CountingItems(*imbalanced())
+    _, y, _ = imbalanced()
+    build(IndexedMLP(), data, sampler="balanced", balance_by=y.tolist(), batch_size=10, max_steps=1)
+    assert data.reads == 0
+    build(IndexedMLP(), data, sampler="balanced", balance_by=label_of, batch_size=10, max_steps=1)
+    assert data.reads == 100  # the callable reads every item once
+
+
+def test_balance_by_labels_follow_the_validation_split():
+    """Labels given for train_data before valid_frac: the training side keeps its own items' labels."""
+    from cadence.data.split import split_indices
+
+    x, y, idx = imbalanced()
+    model = IndexedMLP()
+    build(model, (x, y, idx), valid_frac=0.2, split_seed=3, sampler="balanced", balance_by=y.tolist(),
+          batch_size=10, max_epochs=1, seed=0).fit()
+    train_idx, _ = split_indices(Items(x), 0.2, 3)
+    train_labels = y[train_idx]
+    counts = Counter(train_labels.tolist())
+    weights = torch.tensor([1 / counts[int(v)] for v in train_labels], dtype=torch.float64)
+    draws = torch.multinomial(weights, len(train_idx), replacement=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat(model.seen), torch.tensor(train_idx)[draws])
+
+
+def test_sampler_and_balance_by_per_source():
+    """The first source balanced by given labels, the second read in order: each as it would be alone."""
+    x, y, idx = imbalanced()
+    xb, yb = make_data(12, seed=2)
+    sources = {"pos": (x, y, idx), "neg": (xb, yb, 1000 + torch.arange(12))}
+    model = IndexedMLP()
+    build(model, sources, mix="each", sampler={"pos": "balanced", "neg": "sequential"},
+          balance_by={"pos": y.tolist()}, batch_size=10, max_steps=3, seed=0).fit()
+    pos = [b for b in model.seen if int(b[0]) < 1000]
+    neg = [b for b in model.seen if int(b[0]) >= 1000]
+    alone, _ = balanced_draws(seed=0)  # source 0 has the run's seed, so it draws as the single source does
+    assert all(torch.equal(u, v) for u, v in zip(pos, alone[:3]))
+    assert torch.cat(neg).tolist() == [1000 + i for i in range(12)] + [1000 + i for i in range(10)]  # in order
+    # a callable per source works the same
+    again = IndexedMLP()
+    build(again, sources, mix="each", sampler={"pos": "balanced"}, balance_by={"pos": label_of}, batch_size=10,
+          max_steps=3, seed=0).fit()
+    assert all(torch.equal(u, v) for u, v in zip([b for b in again.seen if int(b[0]) < 1000], pos))
+
+
+def test_per_source_sampling_misuse_is_refused():
+    x, y, idx = imbalanced()
+    sources = {"pos": (x, y, idx), "neg": make_data(12, seed=2)}
+    with pytest.raises(ConfigError, match=r"sampler=.*\['typo'\] are not sources; the sources are \['pos', 'neg'\]"):
+        build(MLP(), sources, sampler={"typo": "balanced"}, max_steps=1)
+    with pytest.raises(ConfigError, match=r"balance_by=.*\['typo'\] are not sources"):
+        build(MLP(), sources, sampler={"pos": "balanced"}, balance_by={"typo": label_of}, max_steps=1)
+    with pytest.raises(ConfigError, match=r"sampler='balanced'.*source 'neg'.*needs balance_by"):
+        build(MLP(), sources, sampler="balanced", balance_by={"pos": label_of}, max_steps=1)
+    with pytest.raises(ConfigError, match=r"balance_by=.*source 'pos'.*sampler='balanced'"):
+        build(MLP(), sources, balance_by={"pos": label_of}, max_steps=1)
+    with pytest.raises(ConfigError, match=r"balance_by='a sequence of 99 labels'.*100 items"):
+        build(MLP(), {"pos": (x, y)}, sampler="balanced", balance_by=y.tolist()[:99], mix="each", max_steps=1)
+    with pytest.raises(ConfigError, match=r"sampler=.*several training sources"):
+        build(MLP(), (x, y), sampler={"pos": "balanced"}, balance_by={"pos": label_of}, max_steps=1)
+    with pytest.raises(ConfigError, match=r"balance_by='a sequence of 3 labels'.*100 items"):
+        build(MLP(), (x, y), sampler="balanced", balance_by=[0, 1, 0], max_steps=1)

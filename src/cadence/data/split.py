@@ -1,62 +1,114 @@
-"""Hold out validation data: a seeded fraction of the items, or of the groups (no group on both sides)."""
+"""Hold out validation data, seeded by ``split_seed``, in one of four ways (``split_mode``).
+
+- ``"random"``: ``round(N * valid_frac)`` items, the first of ``torch.randperm(N)``; both sides in index order.
+- ``"groups"``: whole groups (``split_by``) held out: the distinct groups, in order of first appearance, are
+  permuted the same way and the first ``round(n_groups * valid_frac)`` go to validation.
+- ``"stratified"``: ``valid_frac`` of every group (step-kit's ``category_random_split``): a group of ``m``
+  items keeps ``int((1 - valid_frac) * m)`` for training and holds out the rest, picked by a ``randperm(m)``
+  per group (groups in order of first appearance, one generator); both sides in index order.
+- ``"torch"``: exactly ``torch.utils.data.random_split(data, [N - k, k], generator=torch.Generator()
+  .manual_seed(split_seed))`` with ``k = int(valid_frac * N)``: the same index lists, in the same order, so a
+  migrated run keeps the seed's validation set.
+
+``split_by`` is a callable of the item or a sequence of labels, one per item (``labels.py``). Without
+``split_mode`` the mode is ``"groups"`` when ``split_by`` is given, else ``"random"`` (as before there was a
+``split_mode``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Subset
 
 from ..errors import bad
+from .labels import LabelsOf, labels_of
 from .loading import InMemory
 
+SPLIT_MODES = ("random", "groups", "stratified", "torch")
+GROUPED = ("groups", "stratified")
 
-def _take(data: Any, index: torch.Tensor) -> Any:
+
+def resolve_mode(split_mode: str | None, split_by: Any) -> str:
+    """The mode to use: ``split_mode``, or by default ``"groups"`` with ``split_by`` and ``"random"`` without."""
+    mode = split_mode if split_mode is not None else ("groups" if split_by is not None else "random")
+    if mode not in SPLIT_MODES:
+        raise bad("split_mode", split_mode, f"use one of {', '.join(SPLIT_MODES)}.")
+    if mode in GROUPED and split_by is None:
+        raise bad("split_mode", mode, "it splits by group; give split_by (a callable(item) -> group, or one "
+                  "group label per item).")
+    if mode not in GROUPED and split_by is not None:
+        raise bad("split_mode", mode, 'it ignores groups; drop split_by, or use "groups" or "stratified".')
+    return mode
+
+
+def take(data: Any, index: Sequence[int]) -> Any:
+    """The items ``index`` of ``data``, in that order."""
     if isinstance(data, InMemory):
-        return data.subset(index)
-    return Subset(data, index.tolist())
+        return data.subset(torch.as_tensor(index, dtype=torch.long))
+    return Subset(data, list(index))
 
 
-def split(data: Any, valid_frac: float, seed: int,
-          split_by: Callable[[Any], Hashable] | None = None) -> tuple[Any, Any]:
-    """``(train, val)`` with about ``valid_frac`` of the items (or of the groups) in ``val``.
+def split(data: Any, valid_frac: float, seed: int, split_by: LabelsOf | None = None,
+          split_mode: str | None = None) -> tuple[Any, Any]:
+    """``(train, val)`` by :func:`split_indices`."""
+    train, val = split_indices(data, valid_frac, seed, split_by, split_mode)
+    return take(data, train), take(data, val)
 
-    Items: ``n_val = round(N * valid_frac)`` items picked by ``torch.randperm(N)`` seeded with ``seed``.
-    Groups: the distinct groups (in order of first appearance) are permuted the same way and the first
-    ``round(n_groups * valid_frac)`` go to validation, whole.
-    """
+
+def check_valid_frac(valid_frac: float) -> None:
+    """The one rule for ``valid_frac``'s range (the Trainer checks it early, :func:`split_indices` again)."""
     if not 0.0 < valid_frac < 1.0:
         raise bad("valid_frac", valid_frac, "use a fraction strictly between 0 and 1, e.g. 0.1.")
+
+
+def split_indices(data: Any, valid_frac: float, seed: int, split_by: LabelsOf | None = None,
+                  split_mode: str | None = None) -> tuple[list[int], list[int]]:
+    """The training and validation indices of ``data`` (see the module's docstring for each mode)."""
+    check_valid_frac(valid_frac)
+    mode = resolve_mode(split_mode, split_by)
     n = len(data)
     gen = torch.Generator().manual_seed(seed)
-    if split_by is None:
-        n_val = round(n * valid_frac)
-        if n_val == 0 or n_val == n:
-            raise bad("valid_frac", valid_frac,
-                      f"with {n} items this leaves {'no validation' if n_val == 0 else 'no training'} items; "
-                      "choose a fraction that puts at least one item on each side.")
+    if mode == "random":
+        n_val = _checked_count(round(n * valid_frac), n, valid_frac, "items")
         perm = torch.randperm(n, generator=gen)
-        return _take(data, perm[n_val:].sort().values), _take(data, perm[:n_val].sort().values)
+        return perm[n_val:].sort().values.tolist(), perm[:n_val].sort().values.tolist()
+    if mode == "torch":
+        k = _checked_count(int(valid_frac * n), n, valid_frac, "items")
+        perm = torch.randperm(n, generator=gen).tolist()  # what random_split draws for lengths [n - k, k]
+        return perm[:n - k], perm[n - k:]
+    groups = _groups(labels_of(data, split_by, "split_by"))
+    if mode == "groups":
+        keys = list(groups)
+        n_val = _checked_count(round(len(keys) * valid_frac), len(keys), valid_frac, "groups")
+        order = torch.randperm(len(keys), generator=gen)
+        val_keys = {keys[j] for j in order[:n_val].tolist()}
+        val = [i for k in keys if k in val_keys for i in groups[k]]
+        train = [i for k in keys if k not in val_keys for i in groups[k]]
+        return sorted(train), sorted(val)
+    val = []
+    for members in groups.values():
+        n_train = int((1 - valid_frac) * len(members))
+        perm = torch.randperm(len(members), generator=gen).tolist()
+        val += [members[j] for j in perm[n_train:]]
+    held = set(val)
+    _checked_count(len(val), n, valid_frac, "items")
+    return [i for i in range(n) if i not in held], sorted(val)
 
+
+def _groups(labels: list[Hashable]) -> dict[Hashable, list[int]]:
+    """The item indices of each group, groups in order of first appearance."""
     groups: dict[Hashable, list[int]] = {}
-    for i in range(n):
-        key = split_by(data[i])
-        try:
-            groups.setdefault(key, []).append(i)
-        except TypeError:
-            raise bad("split_by", split_by, f"it returned {key!r}, which is not hashable; return a str, "
-                      "int or tuple naming the group.") from None
-    keys = list(groups)
-    n_val = round(len(keys) * valid_frac)
-    if n_val == 0 or n_val == len(keys):
+    for i, key in enumerate(labels):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _checked_count(n_val: int, total: int, valid_frac: float, what: str) -> int:
+    if n_val == 0 or n_val == total:
         raise bad("valid_frac", valid_frac,
-                  f"split_by found {len(keys)} groups, so this fraction leaves one side with no group; "
-                  "use more groups or a different fraction.")
-    order = torch.randperm(len(keys), generator=gen)
-    val_keys = {keys[j] for j in order[:n_val].numpy()}
-    val = [i for k in keys if k in val_keys for i in groups[k]]
-    train = [i for k in keys if k not in val_keys for i in groups[k]]
-    return _take(data, torch.tensor(sorted(train))), _take(data, torch.tensor(sorted(val)))
-
-
+                  f"with {total} {what} this leaves {'no validation' if n_val == 0 else 'no training'} {what}; "
+                  "choose a fraction that puts at least one on each side.")
+    return n_val
