@@ -5,11 +5,13 @@ What the seed trainer did by hand, and where it went:
 
 - ``EMA(model, **ema_kwargs)`` updated after every step, validation on the EMA model: ``ema: {class_path:
   cadence.EMA, ...}`` and ``validate_on: ema`` (``cadence export RUN --ema`` writes the EMA weights);
-- ``total_loss, (recon_loss, commit_loss) = model(..., return_loss_breakdown=True)``: the model returns
-  ``(loss, {"recon": ..., "commit": ...})``; both are logged, for training and validation;
-- ``OptimizerWithWarmupSchedule`` (warm-up, scheduler, clipping): ``warmup_steps``, ``schedule``,
-  ``max_grad_norm``; ``accelerator.autocast()``: ``precision: bf16``; ``no_sync`` during accumulation: done by
-  cadence under DDP;
+- ``total_loss, (recon_loss, commit_loss) = model(..., return_loss_breakdown=True)``: the model returns that
+  tuple, as meshgpt's does; ``forward_kwargs: {return_loss_breakdown: true}`` passes the flag to every call
+  (validation too) and ``part_names: [recon, commit]`` names the parts, logged for training and validation;
+- ``get_adam_optimizer(betas=(0.9, 0.99))``: ``optimizer: adam`` with ``optimizer_options: {betas: [0.9, 0.99]}``;
+- ``OptimizerWithWarmupSchedule`` (warm-up, scheduler, clipping of each param group): ``warmup_steps``,
+  ``schedule``, ``max_grad_norm`` with ``clip_per_group: true``; ``accelerator.autocast()``: ``precision: bf16``;
+  ``no_sync`` during accumulation: done by cadence under DDP;
 - ``dataset.data_kwargs`` naming the tuple's fields as forward keywords: the dataset's ``inputs`` attribute;
 - ``custom_collate(pad_id=model.pad_id)``: ``collate_fn: examples.meshgpt_autoencoder.mesh_collate``, which is
   ``cadence.data.pad_collate`` with the pad value ``-1``.
@@ -119,8 +121,9 @@ class MeshAutoencoder(nn.Module):
     that share an edge with it (``face_edges``), and quantized per vertex by a residual VQ; the decoder predicts
     the nine discretized coordinates back.
 
-    ``forward(vertices, faces, face_edges)`` returns ``(loss, {"recon": ..., "commit": ...})`` with ``loss =
-    recon + commit_loss_weight * commit``; padded faces (``-1``) count for nothing.
+    ``forward(vertices, faces, face_edges)`` returns ``loss = recon + commit_loss_weight * commit``; with
+    ``return_loss_breakdown=True``, ``(loss, (recon, commit))`` as meshgpt's; padded faces (``-1``) count for
+    nothing.
     """
 
     pad_id = PAD_ID
@@ -166,15 +169,16 @@ class MeshAutoencoder(nn.Module):
         per_vertex, _, _ = self.encode(vertices, faces, face_edges)
         return self.quantize(per_vertex)[1][..., 0].flatten(1)
 
-    def forward(self, vertices: torch.Tensor, faces: torch.Tensor,
-                face_edges: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, vertices: torch.Tensor, faces: torch.Tensor, face_edges: torch.Tensor,
+                return_loss_breakdown: bool = False) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         per_vertex, target, face_mask = self.encode(vertices, faces, face_edges)
         b, f, _ = target.shape
         quantized, _, commit = self.quantize(per_vertex)
         logits = self.decode(quantized.flatten(2)).view(b, f, 9, self.bins)
         recon = F.cross_entropy(logits[face_mask].flatten(0, 1), target[face_mask].flatten())
         commit = commit.mean(-1)[face_mask].mean()
-        return recon + self.commit_loss_weight * commit, {"recon": recon, "commit": commit}
+        loss = recon + self.commit_loss_weight * commit
+        return (loss, (recon, commit)) if return_loss_breakdown else loss
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ What the seed trainer did by hand, and where it went:
   torch versions, step) and the run folder has ``config.yaml``, from which the model is rebuilt and
   ``cadence fit --resume RUN`` continues; ``load`` is ``--resume``;
 - ``dataset.data_kwargs`` (``vertices, faces, face_edges, texts``): the dataset's ``inputs`` attribute;
-- warm-up, scheduler and clipping (``OptimizerWithWarmupSchedule``): ``warmup_steps``, ``schedule``,
-  ``max_grad_norm``.
+- ``get_adam_optimizer``'s betas and eps: ``optimizer_options: {betas: [0.9, 0.99], eps: 1.0e-8}``;
+- warm-up, scheduler and clipping of each param group (``OptimizerWithWarmupSchedule``): ``warmup_steps``,
+  ``schedule``, ``max_grad_norm`` with ``clip_per_group: true``.
 
 A trained autoencoder plugs in with ``--model.init_args.autoencoder_weights RUN/final/ema.safetensors`` (a run of
 ``examples/meshgpt_autoencoder.yaml``; loaded with ``cadence.load_weights``).

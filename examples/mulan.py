@@ -6,9 +6,9 @@ What the seed trainer did by hand, and where it went:
   keeps the last partial batch of an epoch from ever being that small;
 - batch fields routed to forward keywords by their type (``wavs``, ``texts``): ``inputs: [wavs, texts]`` names
   the fields of each tuple batch;
-- Adam or Lion (``use_lion``) with ``betas``: ``optimizer: lion`` (betas 0.9, 0.99, as the seed's default), or
-  ``optimizer: {class_path: torch.optim.Adam, init_args: {betas: [0.9, 0.99]}}``;
-- a random validation split with a seed: ``valid_frac`` and ``split_seed``;
+- Adam or Lion (``use_lion``) with ``betas``: ``optimizer: lion`` (or ``adam``) with ``optimizer_options:
+  {betas: [0.9, 0.99]}``;
+- ``random_split`` with a seed: ``valid_frac``, ``split_mode: torch`` and ``split_seed``;
 - ``pad_to_longest=False`` (curtail to the shortest) or ``True``: ``collate_fn: cadence.data.curtail_collate``
   or ``cadence.data.pad_collate`` (which appends the padding mask: ``inputs: [wavs, texts, wav_mask]``);
 - ``data_max_length``: the dataset crops its waves (``max_length``);

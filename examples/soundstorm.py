@@ -5,11 +5,12 @@ What the seed trainer did by hand, and where it went:
 
 - linear warm-up from ``initial_lr`` to ``lr`` over ``num_warmup_steps``, then cosine annealing:
   ``warmup_steps``, ``warmup_start_lr``, ``schedule: cosine`` (a pure function of the step, so nothing to save);
-- the loss with named parts ``(loss, (generator_loss, critic_loss))``: the model returns
-  ``(loss, {"generator_loss": ..., "critic_loss": ...})`` and both are logged, in training and validation;
-- ``only_train_generator`` / ``only_train_critic``: arguments of the model (the seed passed them each step);
-- validation every ``save_results_every`` steps on a seeded random split: ``val_every``, ``valid_frac``,
-  ``split_seed``;
+- the loss with named parts: the model returns ``(loss, LossBreakdown(generator_loss, critic_loss))``, a
+  NamedTuple, as soundstorm's; both parts are logged by their field names, in training and validation;
+- ``only_train_generator`` / ``only_train_critic``, passed by the seed to every training call (not to
+  validation calls): ``forward_kwargs`` with ``val_forward_kwargs: {}``;
+- validation every ``save_results_every`` steps, at step 0 too, on ``random_split`` with a seed: ``val_every``,
+  ``val_at_start: true``, ``valid_frac``, ``split_mode: torch``, ``split_seed``;
 - the step number recovered from the checkpoint's file name on resume: cadence stores the step in the
   checkpoint itself (``cadence fit --resume RUN``).
 
@@ -22,6 +23,7 @@ Run from the repository root::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,21 +57,25 @@ class SemanticAcousticPairs(Dataset):
         return self.semantic[i], self.acoustic[i]
 
 
+class LossBreakdown(NamedTuple):
+    """soundstorm's loss parts; ``critic_loss`` is None when the critic is not trained in that call."""
+
+    generator_loss: torch.Tensor
+    critic_loss: torch.Tensor | None
+
+
 class SoundStorm(nn.Module):
     """A tiny SoundStorm: a random share of the acoustic tokens is masked and predicted from the semantic tokens
     and the unmasked ones (the generator); a token critic then tells the generator's sampled tokens from the
-    true ones (the critic). ``forward`` returns ``(loss, {"generator_loss": ..., "critic_loss": ...})``.
+    true ones (the critic). ``forward(..., only_train_generator=False, only_train_critic=False)`` returns
+    ``(loss, LossBreakdown(generator_loss, critic_loss))``, as soundstorm's.
     """
 
     def __init__(self, num_semantic: int = 32, codebook_size: int = 32, num_quantizers: int = 4, dim: int = 64,
-                 length: int = 16, critic_loss_weight: float = 1.0, only_train_generator: bool = False,
-                 only_train_critic: bool = False) -> None:
+                 length: int = 16, critic_loss_weight: float = 1.0) -> None:
         super().__init__()
-        if only_train_generator and only_train_critic:
-            raise ValueError("only_train_generator and only_train_critic cannot both be True")
         self.q, self.codebook_size = num_quantizers, codebook_size
         self.critic_loss_weight = critic_loss_weight
-        self.only_train_generator, self.only_train_critic = only_train_generator, only_train_critic
         self.semantic_embed = nn.Embedding(num_semantic, dim)
         self.pos_embed = nn.Parameter(torch.randn(length, dim) * 0.02)
         self.acoustic_embed = nn.Embedding(num_quantizers * (codebook_size + 1), dim)  # + a mask token each
@@ -83,8 +89,11 @@ class SoundStorm(nn.Module):
         offsets = torch.arange(self.q, device=tokens.device) * (self.codebook_size + 1)
         return self.acoustic_embed(tokens + offsets).sum(2)
 
-    def forward(self, cond_semantic_token_ids: torch.Tensor,
-                acoustic_token_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, cond_semantic_token_ids: torch.Tensor, acoustic_token_ids: torch.Tensor,
+                only_train_generator: bool = False,
+                only_train_critic: bool = False) -> tuple[torch.Tensor, LossBreakdown]:
+        if only_train_generator and only_train_critic:
+            raise ValueError("only_train_generator and only_train_critic cannot both be True")
         b, n, q = acoustic_token_ids.shape
         ratio = torch.rand(b, 1, 1, device=acoustic_token_ids.device).clamp(min=0.1)
         mask = torch.rand(b, n, q, device=acoustic_token_ids.device) < ratio
@@ -94,6 +103,8 @@ class SoundStorm(nn.Module):
         h = h + self.mix(h.transpose(1, 2)).transpose(1, 2)
         logits = self.to_logits(h).view(b, n, q, self.codebook_size)
         generator_loss = F.cross_entropy(logits[mask], acoustic_token_ids[mask]) if mask.any() else logits.sum() * 0
+        if only_train_generator:  # the critic is not run: its part is None, as soundstorm's
+            return generator_loss, LossBreakdown(generator_loss, None)
 
         with torch.no_grad():  # the critic judges the generator's samples, filled into the masked places
             sampled = torch.distributions.Categorical(logits=logits.float()).sample()
@@ -105,13 +116,8 @@ class SoundStorm(nn.Module):
         critic_logits = self.critic(critic_in).squeeze(-1)
         critic_loss = F.binary_cross_entropy_with_logits(critic_logits, wrong)
 
-        if self.only_train_generator:
-            loss = generator_loss
-        elif self.only_train_critic:
-            loss = critic_loss
-        else:
-            loss = generator_loss + self.critic_loss_weight * critic_loss
-        return loss, {"generator_loss": generator_loss, "critic_loss": critic_loss}
+        loss = critic_loss if only_train_critic else generator_loss + self.critic_loss_weight * critic_loss
+        return loss, LossBreakdown(generator_loss, critic_loss)
 
 
 def main(argv: list[str] | None = None) -> int:

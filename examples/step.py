@@ -4,15 +4,17 @@ model with a reconstruction and a cell-type loss, trained in two stages.
 What the seed trainer did by hand, and where it went:
 
 - epoch-based training: ``max_epochs`` (validation at each epoch end);
-- the weighted multi-loss config (``lossconfig``): the model returns its parts and ``loss_weights`` sums them;
-- ``EarlyStopping(patience, delta)`` per loss type: one ``cadence.EarlyStopping(monitor: val/<part>, patience,
-  min_delta)`` per part, ``stop_when`` choosing whether any or all of them must fire;
-- ``MultiStepLR(milestones, gamma)``: ``schedule: multistep`` with ``milestones`` (in optimizer steps) and ``gamma``;
+- the loss (STEP's ``scSingleBatch.loss``): the model returns its parts and ``loss_weights`` sums them;
+- ``EarlyStopping(patience, delta)`` per loss type (the ``lossconfig`` entries): one ``cadence.EarlyStopping(monitor:
+  val/<part>, patience, min_delta)`` per part, ``stop_when`` choosing whether any or all of them must fire;
+- ``MultiStepLR(milestones, gamma)``: ``schedule: multistep`` with ``milestones`` (in optimizer steps) and
+  ``gamma`` (STEP's ``set_lr_scheduler`` does nothing, so its runs kept a constant rate; the recipe shows the
+  documented schedule);
 - ``init_optimizer(lr, tune_lr, stage, tune_batch_embedding)``: ``stages``, a list of ``Stage(epochs, trainable,
   lr, param_groups)``: first everything but the batch embedding trains, then the batch embedding is tuned at its
   own rate while the rest goes on at a lower one;
 - ``category_random_split(dataset, split_rate, obs_key)``: ``valid_frac`` with ``split_by:
-  examples.step.sample_of`` (whole samples are held out).
+  examples.step.sample_of`` and ``split_mode: stratified`` (``valid_frac`` of every sample is held out).
 
 Run from the repository root::
 
@@ -36,8 +38,8 @@ CONFIG = Path(__file__).with_suffix(".yaml")
 
 class CellExpression(Dataset):
     """Synthetic single-cell expression: each cell is its cell type's expression profile, plus the technical
-    shift of its sequencing batch, plus noise. Cells come from ``num_samples`` samples (the category held out
-    whole by ``split_by``); sample ``s`` was sequenced in batch ``s % num_batches``.
+    shift of its sequencing batch, plus noise. Cells come from ``num_samples`` samples (the category that
+    ``split_by`` stratifies by); sample ``s`` was sequenced in batch ``s % num_batches``.
 
     Items are ``(expression float (G,), cell_type long (), batch long (), sample long ())``.
     """
@@ -60,7 +62,7 @@ class CellExpression(Dataset):
 
 
 def sample_of(item: tuple[torch.Tensor, ...]) -> int:
-    """The category ``split_by`` holds out whole (the seed's ``obs_key``): the sample a cell came from."""
+    """The category ``split_by`` stratifies by (the seed's ``obs_key``): the sample a cell came from."""
     return int(item[3])
 
 

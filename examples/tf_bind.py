@@ -9,7 +9,11 @@ What the seed trainer did by hand, and where it went:
 - held-out chromosomes for validation: ``val_data`` is built from other chromosomes (several sources cannot be
   split by ``valid_frac``/``split_by``, so held-out groups are named the way the seed named them);
 - ``balance_sampling_by_target``: ``sampler: balanced`` with ``balance_by: examples.tf_bind.target_of``;
-- validation accuracy: the model returns ``acc`` as a part, so it is logged as ``val/acc``.
+- validation accuracy: the model returns ``acc`` as a part, so it is logged as ``val/acc``;
+- ``finetune_enformer_ln_only`` passed to every training call: ``forward_kwargs`` (here ``false``: this recipe's
+  trunk starts untrained, where the seed's Enformer came pretrained), not to validation calls:
+  ``val_forward_kwargs: {}``;
+- validation at step 0 too (``curr_step % validate_every == 0``): ``val_at_start: true``.
 
 Run from the repository root::
 
@@ -19,6 +23,7 @@ Run from the repository root::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -116,7 +121,10 @@ class TfBind(nn.Module):
 
     ``forward(seq, tf, target, read_value)`` returns the seed's loss parts: ``bce`` (the main binary loss),
     ``aux`` (the read-value regression, seed ``read_value_aux_loss``) and ``acc`` (no gradient). The YAML's
-    ``loss_weights`` combines ``bce`` and ``aux`` (the seed's ``combine_losses``).
+    ``loss_weights`` combines ``bce`` and ``aux`` (the seed's ``combine_losses``). The call flag
+    ``finetune_enformer_ln_only`` (the seed passed it to every training call) leaves the sequence trunk, the
+    seed's pretrained Enformer, untrained in that call (the seed then tunes only the Enformer's layer norms;
+    this trunk has none).
     """
 
     def __init__(self, num_tfs: int = 6, dim: int = 32, kernel: int = 6) -> None:
@@ -126,17 +134,19 @@ class TfBind(nn.Module):
         self.scale = nn.Linear(1, 1)
         self.read_head = nn.Linear(2, 1)
 
-    def logits(self, seq: torch.Tensor, tf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.relu(self.conv(F.one_hot(seq, BASES).float().transpose(1, 2)))  # (B, dim, L')
+    def logits(self, seq: torch.Tensor, tf: torch.Tensor,
+               freeze_trunk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad() if freeze_trunk else contextlib.nullcontext():  # the seed's Enformer
+            h = F.relu(self.conv(F.one_hot(seq, BASES).float().transpose(1, 2)))  # (B, dim, L')
         match = torch.einsum("bdl,bd->bl", h, self.tf_embed(tf)) / h.shape[1] ** 0.5
         best = match.amax(dim=1, keepdim=True)
         logit = self.scale(best).squeeze(1)
         read = self.read_head(torch.cat([best, F.relu(match).mean(1, keepdim=True)], 1)).squeeze(1)
         return logit, read
 
-    def forward(self, seq: torch.Tensor, tf: torch.Tensor, target: torch.Tensor,
-                read_value: torch.Tensor) -> dict[str, torch.Tensor]:
-        logit, read = self.logits(seq, tf)
+    def forward(self, seq: torch.Tensor, tf: torch.Tensor, target: torch.Tensor, read_value: torch.Tensor,
+                finetune_enformer_ln_only: bool = False) -> dict[str, torch.Tensor]:
+        logit, read = self.logits(seq, tf, freeze_trunk=finetune_enformer_ln_only)
         return {
             "bce": F.binary_cross_entropy_with_logits(logit, target),
             "aux": F.mse_loss(read, read_value),

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cadence import ConfigError
 from cadence.outputs import call_model, read_output
-from helpers import MLP, assert_weights_changed, assert_weights_equal, clone, contract_batches, make_data, trainer
+from helpers import (
+    MLP,
+    assert_weights_changed,
+    assert_weights_close,
+    assert_weights_equal,
+    clone,
+    contract_batches,
+    make_data,
+    trainer,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,7 +212,8 @@ def test_logged_part_is_the_mean_of_the_window_steps():
     t.fit()
     batches = contract_batches(20, 8, 0, 6)
     # a mean of per-step means (each step weighted equally)
-    expected = [sum(b.float().mean().item() for b in batches[k:k + 3]) / 3 for k in (0, 3)]
+    windows = [(0, 1), (1, 3), (3, 6)]  # step 1 is a log point of its own, then every 3 steps
+    expected = [sum(b.float().mean().item() for b in batches[i:j]) / (j - i) for i, j in windows]
     assert t.history["train/mean_idx"] == pytest.approx(expected, rel=1e-6)
 
 
@@ -220,3 +233,162 @@ def test_read_output_unit():
 
     # in evaluation a loss without grad is fine
     assert read_output(torch.tensor(1.0), training=False).loss.item() == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- tuple parts
+class Breakdown(NamedTuple):
+    generator_loss: torch.Tensor
+    critic_loss: torch.Tensor | None
+
+
+class TupleParts(MLP):
+    """Returns ``(loss, parts)`` as the seeds' real models do: ``"named"`` a NamedTuple (soundstorm's
+    ``LossBreakdown``), ``"plain"`` a tuple (meshgpt's ``(recon, commit)``); ``critic=False`` leaves the second
+    entry ``None``. The parts are ``2 * loss`` and ``idx.mean()``."""
+
+    def __init__(self, form: str, critic: bool = True) -> None:
+        super().__init__()
+        self.form, self.critic = form, critic
+
+    def forward(self, x, y, idx):  # type: ignore[override]
+        loss = F.cross_entropy(self.net(x), y)
+        first, second = 2 * loss, (idx.float().mean() if self.critic else None)
+        return loss, (Breakdown(first, second) if self.form == "named" else (first, second))
+
+
+def test_read_output_names_tuple_parts():
+    loss, a, b = torch.tensor(1.0, requires_grad=True) * 1.0, torch.tensor(2.0), torch.tensor([3.0])
+    named = read_output((loss, Breakdown(a, b)), training=True)
+    assert named.loss is loss and {k: v.item() for k, v in named.parts.items()} == {"generator_loss": 2.0,
+                                                                                   "critic_loss": 3.0}
+    plain = read_output((loss, (a, b)), training=True)
+    assert {k: v.item() for k, v in plain.parts.items()} == {"part0": 2.0, "part1": 3.0}
+    listed = read_output((loss, [a, b]), training=False, part_names=["recon", "commit"])
+    assert {k: v.item() for k, v in listed.parts.items()} == {"recon": 2.0, "commit": 3.0}
+    renamed = read_output((loss, Breakdown(a, b)), training=True, part_names=("g", "c"))
+    assert set(renamed.parts) == {"g", "c"}  # names from the config win over the fields
+    assert set(read_output((loss, Breakdown(a, None)), training=True).parts) == {"generator_loss"}
+    with pytest.raises(ConfigError, match=r"part_names=\['recon'\].*2 parts.*not 1"):
+        read_output((loss, (a, b)), training=True, part_names=["recon"])
+    with pytest.raises(ConfigError, match="'part1'.*scalar"):
+        read_output((loss, (a, torch.ones(3))), training=False)
+    weighted = read_output((loss * 0, (a.requires_grad_(), b)), training=True, loss_weights={"part0": 0.5})
+    assert weighted.loss.item() == 1.0 and set(weighted.parts) == {"part0", "part1"}
+
+
+@pytest.mark.parametrize("form,names,expected", [("named", None, ("generator_loss", "critic_loss")),
+                                                 ("plain", None, ("part0", "part1")),
+                                                 ("plain", ["recon", "commit"], ("recon", "commit"))])
+def test_tuple_parts_are_logged_by_name_in_training_and_validation(form, names, expected):
+    data, val = indexed(20), indexed(12)
+    reference, model = Outputs("scalar"), TupleParts(form)
+    trainer(reference, data, batch_size=8, max_steps=4, lr=1e-2).fit()
+    t = trainer(model, data, val_data=val, batch_size=8, max_steps=4, lr=1e-2, log_every=1, val_every=4,
+                part_names=names)
+    t.fit()
+    assert_weights_equal(model, reference)  # the parts never touch the gradient
+    first, second = expected
+    assert t.history[f"train/{first}"] == pytest.approx([2 * v for v in t.history["train/loss"]], rel=1e-6)
+    batches = contract_batches(20, 8, 0, 4)
+    assert t.history[f"train/{second}"] == pytest.approx([b.float().mean().item() for b in batches], rel=1e-6)
+    assert t.history[f"val/{first}"] == pytest.approx([2 * t.history["val/loss"][0]], rel=1e-6)
+    assert t.history[f"val/{second}"] == pytest.approx([(8 * 3.5 + 4 * 9.5) / 12], rel=1e-6)  # idx 0-7, 8-11
+
+
+def test_a_none_tuple_part_is_left_out():
+    t = trainer(TupleParts("named", critic=False), indexed(20), batch_size=8, max_steps=2, log_every=1)
+    t.fit()
+    assert all(set(r["parts"]) == {"generator_loss"} for r in t.history if r["split"] == "train")
+
+
+def test_part_names_of_the_wrong_length_fail_at_the_first_step():
+    model = TupleParts("plain")
+    initial = clone(model)
+    t = trainer(model, indexed(20), batch_size=8, max_steps=3, part_names=["recon", "commit", "extra"])
+    with pytest.raises(ConfigError, match="part_names.*2 parts.*not 3"):
+        t.fit()
+    assert t.step == 0
+    assert_weights_equal(model, initial)
+
+
+def test_tuple_parts_with_loss_weights():
+    """``loss_weights`` sums named tuple parts: here ``2 * cross-entropy`` at weight 0.5 is the cross-entropy."""
+    data = indexed(20)
+    reference, model = Outputs("scalar"), TupleParts("named")
+    trainer(reference, data, batch_size=8, max_steps=4, lr=1e-2).fit()
+    trainer(model, data, batch_size=8, max_steps=4, lr=1e-2, loss_weights={"generator_loss": 0.5}).fit()
+    assert_weights_close(model, reference)
+
+
+# ----------------------------------------------------------------------------------------------- call keywords
+class Flagged(MLP):
+    """``forward(x, y, *, scale=1.0, breakdown=False)``: records the keywords of every call, by mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[bool, dict]] = []
+
+    def forward(self, x, y, *, scale=1.0, breakdown=False):  # type: ignore[override]
+        self.calls.append((self.training, {"scale": scale, "breakdown": breakdown}))
+        loss = F.cross_entropy(self.net(x), y) * scale
+        return (loss, {"ce": loss.detach()}) if breakdown else loss
+
+
+def keywords(model: Flagged, training: bool) -> list[dict]:
+    return [kw for mode, kw in model.calls if mode == training]
+
+
+@pytest.mark.parametrize("val_kwargs,in_validation", [(None, {"scale": 2.0, "breakdown": True}),
+                                                      ({}, {"scale": 1.0, "breakdown": False}),
+                                                      ({"scale": 3.0}, {"scale": 3.0, "breakdown": False})])
+def test_forward_kwargs_reach_every_call(val_kwargs, in_validation):
+    """Training calls get forward_kwargs; validation calls val_forward_kwargs, which default to forward_kwargs."""
+    x, y = make_data(20)
+    model = Flagged()
+    t = trainer(model, (x, y), val_data=make_data(10, seed=1), batch_size=8, max_steps=3, val_every=3,
+                log_every=1, forward_kwargs={"scale": 2.0, "breakdown": True}, val_forward_kwargs=val_kwargs)
+    t.fit()
+    assert keywords(model, True) == [{"scale": 2.0, "breakdown": True}] * 3
+    assert keywords(model, False) == [in_validation] * 2  # 10 items in batches of 8 and 2
+    assert len(t.history["train/ce"]) == 3 and ("val/ce" in t.last_val_metrics) == in_validation["breakdown"]
+
+
+def test_forward_kwargs_scale_the_gradient_as_the_call_says():
+    x, y = make_data(20)
+    reference, model = Flagged(), Flagged()
+    trainer(reference, (x, y), batch_size=8, max_steps=3, optimizer="sgd", lr=2e-2).fit()
+    trainer(model, (x, y), batch_size=8, max_steps=3, optimizer="sgd", lr=1e-2, forward_kwargs={"scale": 2.0}).fit()
+    assert_weights_close(model, reference)
+
+
+def test_forward_kwargs_with_dict_batches_and_inputs():
+    x, y = make_data(20)
+    model = KwargsOnly()
+    call_model(model, {"x": x[:4], "y": y[:4]}, None, None, {})  # no keywords: as before
+    seen = []
+
+    class Echo(nn.Module):
+        def forward(self, *args, **kwargs):
+            seen.append((len(args), sorted(kwargs)))
+            return torch.tensor(0.0)
+
+    echo, flag = Echo(), {"flag": True}
+    call_model(echo, (x, y), None, None, flag)
+    call_model(echo, {"x": x}, None, None, flag)
+    call_model(echo, x, None, None, flag)
+    call_model(echo, (x, y), None, ["a", "b"], flag)
+    assert seen == [(2, ["flag"]), (0, ["flag", "x"]), (1, ["flag"]), (0, ["a", "b", "flag"])]
+    with pytest.raises(ConfigError, match=r"forward_kwargs=\{'x': 1\}.*\['x'\]"):
+        call_model(echo, {"x": x}, None, None, {"x": 1})
+
+
+def test_forward_kwargs_checks():
+    data = make_data(20)
+    with pytest.raises(ConfigError, match="forward_kwargs=.*forward=callable"):
+        trainer(MLP(), data, max_steps=1, forward_kwargs={"a": 1}, forward=lambda m, b: m(*b))
+    with pytest.raises(ConfigError, match="val_forward_kwargs=.*mapping"):
+        trainer(MLP(), data, max_steps=1, val_forward_kwargs=["a"])
+    with pytest.raises(ConfigError, match="part_names='recon'.*list"):
+        trainer(MLP(), data, max_steps=1, part_names="recon")
+    with pytest.raises(ConfigError, match="part_names=.*distinct"):
+        trainer(MLP(), data, max_steps=1, part_names=["a", "a"])

@@ -80,8 +80,9 @@ def test_tf_bind_draws_every_source_with_an_aux_loss_and_accuracy(tmp_path: Path
     for source in ("pos", "neg", "scoped_neg"):  # one batch of each source in every step
         assert {f"{source}/bce", f"{source}/aux", f"{source}/acc", f"{source}/loss"} <= set(parts)
     checks = val(records)
-    assert [r["step"] for r in checks] == [40, 80]
+    assert [r["step"] for r in checks] == [0, 40, 80]  # val_at_start: the seed validated at step 0 too
     assert {"bce", "aux", "acc"} <= set(checks[-1]["parts"]) and checks[-1]["parts"]["acc"] > 0.5
+    assert checks[-1]["loss"] < checks[0]["loss"]
 
     tf_bind = recipe("tf_bind")
     train_set, val_set = tf_bind.peak_sources()["pos"], tf_bind.Peaks("mixed", [9, 10])
@@ -115,13 +116,14 @@ def test_mulan_trains_with_lion_on_a_seeded_split_and_refuses_a_batch_of_one(tmp
 
 def test_mulan_pads_to_the_longest_with_adam(tmp_path: Path, capsys) -> None:
     records = run("mulan", tmp_path / "run", "--trainer.max_steps", "40", "--trainer.val_every", "40",
-                  "--trainer.lr", "0.003", "--trainer.optimizer", "torch.optim.Adam",
-                  "--trainer.optimizer.betas", "[0.9, 0.99]", "--trainer.collate_fn", "cadence.data.pad_collate",
-                  "--trainer.inputs", "[wavs, texts, wav_mask]")
+                  "--trainer.lr", "0.003", "--trainer.optimizer", "adam", "--trainer.collate_fn",
+                  "cadence.data.pad_collate", "--trainer.inputs", "[wavs, texts, wav_mask]")
     assert_loss_fell(records, capsys, "mulan")
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trainer"]
     assert resolved["collate_fn"] == "cadence.data.pad_collate"
-    assert resolved["optimizer"]["class_path"] == "torch.optim.Adam"
+    assert resolved["optimizer"] == "adam" and resolved["optimizer_options"] == {"betas": [0.9, 0.99]}
+    optimizer = json.loads((tmp_path / "run" / "checkpoints" / "step-000000040" / "optimizer.json").read_text())
+    assert optimizer["param_groups"][0]["betas"] == [0.9, 0.99] and "amsgrad" in optimizer["param_groups"][0]
 
 
 def test_soundstorm_warms_up_then_anneals_and_logs_generator_and_critic(tmp_path: Path, capsys) -> None:
@@ -130,13 +132,21 @@ def test_soundstorm_warms_up_then_anneals_and_logs_generator_and_critic(tmp_path
     steps = train(records)
     assert {"generator_loss", "critic_loss"} <= set(steps[-1]["parts"])
     assert {"generator_loss", "critic_loss"} <= set(val(records)[-1]["parts"])
-    assert [r["step"] for r in val(records)] == [20, 40, 60]
-    warming, annealing, end = (r["lr"] for r in steps)  # logged at steps 20, 40 and 60; warm-up is 30 steps
+    assert [r["step"] for r in val(records)] == [0, 20, 40, 60]  # val_at_start, as the seed
+    lr = {r["step"]: r["lr"] for r in steps}
+    warming, annealing, end = lr[20], lr[40], lr[60]  # warm-up is 30 steps
     assert 1e-5 < warming < 3e-3 and annealing < 3e-3 and end < annealing and warming < annealing
     soundstorm = recipe("soundstorm")
     semantic, acoustic = soundstorm.SemanticAcousticPairs(size=4)[:4]
-    loss, parts = soundstorm.SoundStorm(only_train_critic=True)(semantic, acoustic)
-    assert torch.equal(loss, parts["critic_loss"])
+    loss, parts = soundstorm.SoundStorm()(semantic, acoustic, only_train_critic=True)  # flags per call, as the seed
+    assert isinstance(parts, soundstorm.LossBreakdown) and torch.equal(loss, parts.critic_loss)
+    loss, parts = soundstorm.SoundStorm()(semantic, acoustic, only_train_generator=True)
+    assert parts.critic_loss is None and torch.equal(loss, parts.generator_loss)
+    only_generator = run("soundstorm", tmp_path / "gen", "--trainer.max_steps", "4", "--trainer.val_every", "4",
+                         "--trainer.log_every", "2", "--trainer.warmup_steps", "2",
+                         "--trainer.forward_kwargs", "{only_train_generator: true}")
+    assert all(set(r["parts"]) == {"generator_loss"} for r in train(only_generator))  # None parts left out
+    assert {"generator_loss", "critic_loss"} <= set(val(only_generator)[-1]["parts"])  # validation: no flags
 
 
 def test_meshgpt_autoencoder_validates_on_the_ema(tmp_path: Path, capsys) -> None:
@@ -154,8 +164,8 @@ def test_meshgpt_autoencoder_validates_on_the_ema(tmp_path: Path, capsys) -> Non
     def val_loss(weights: Path) -> float:
         model = load_weights(mae.MeshAutoencoder(**init_args), weights).eval()
         with torch.no_grad():
-            losses = [model(*mae.mesh_collate([val_set[i] for i in range(s, s + 16)])[:3])[0]
-                      for s in range(0, len(val_set), 16)]
+            losses = [model(*mae.mesh_collate([val_set[i] for i in range(s, s + 16)])[:3])
+                      for s in range(0, len(val_set), 16)]  # the loss alone: no return_loss_breakdown
         return float(torch.stack(losses).mean())
 
     final = tmp_path / "run" / "final"
@@ -212,9 +222,11 @@ def test_step_stages_multistep_and_early_stopping_per_loss(tmp_path: Path, capsy
     data = step.CellExpression(**config_of("step")["data"]["init_args"])
     from cadence.data.split import split
 
-    train_part, val_part = split(data, 0.2, 0, step.sample_of)
-    train_samples = {step.sample_of(train_part[i]) for i in range(len(train_part))}
-    assert not train_samples & {step.sample_of(val_part[i]) for i in range(len(val_part))}
+    train_part, val_part = split(data, 0.2, 0, step.sample_of, "stratified")  # category_random_split
+    per_sample = torch.bincount(data.sample)
+    held_out = torch.bincount(torch.stack([val_part[i][3] for i in range(len(val_part))]), minlength=len(per_sample))
+    assert held_out.tolist() == [m - int((1 - 0.2) * m) for m in per_sample.tolist()]  # the rest of each sample
+    assert len(train_part) + len(val_part) == len(data)
 
 
 def test_step_first_stage_leaves_the_batch_embedding_frozen(tmp_path: Path, capsys) -> None:

@@ -7,6 +7,7 @@ used; elsewhere PyTorch's own default implementation.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatch
 from typing import Any, Union
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import bad
+from .weights import strip_compiled
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
 
@@ -61,13 +63,9 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def _name(name: str) -> str:
-    return name.replace("_orig_mod.", "")
-
-
 def check_globs(model: nn.Module, globs: Iterable[str], argument: str) -> None:
     """Every glob must match at least one parameter name."""
-    names = [_name(n) for n, _ in model.named_parameters()]
+    names = [strip_compiled(n) for n, _ in model.named_parameters()]
     for glob in globs:
         if not any(fnmatch(n, glob) for n in names):
             sample = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
@@ -89,7 +87,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     for name, p in model.named_parameters():
         if p.requires_grad:
             options = {"lr": lr, "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
-                       **options_for(_name(name), overrides)}
+                       **options_for(strip_compiled(name), overrides)}
             grouped.setdefault(tuple(sorted(options.items())), []).append(p)
     return [{"params": params, **dict(key)} for key, params in grouped.items()]
 
@@ -110,29 +108,68 @@ def options_for(name: str, overrides: Mapping[str, Mapping[str, Any]]) -> dict[s
 
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float, weight_decay: float,
                     device: torch.device,
-                    overrides: Mapping[str, Mapping[str, Any]] | None = None) -> torch.optim.Optimizer:
-    """An optimizer from a name, a ``param_groups -> Optimizer`` callable, or an instance used as is."""
+                    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                    options: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+    """An optimizer from a name, a ``param_groups -> Optimizer`` callable, or an instance used as is.
+
+    ``options`` (the Trainer's ``optimizer_options``) go to an optimizer chosen by name, e.g. ``betas``, ``eps``.
+    """
+    groups = param_groups(model, lr, weight_decay, overrides)
+    if not groups:  # the one check of this rule: it runs for the first optimizer and again when a stage begins
+        raise bad("model", type(model).__name__, "it has no trainable parameters (all have "
+                  "requires_grad=False); unfreeze the parameters that should train.")
     if isinstance(spec, torch.optim.Optimizer):
         return spec
-    groups = param_groups(model, lr, weight_decay, overrides)
-    if not groups:
-        raise bad("model", type(model).__name__,
-                  "it has no trainable parameters (all have requires_grad=False); unfreeze some parameters.")
     if callable(spec):
         return spec(groups)
     name = str(spec).lower()
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, **fused)
-    if name == "adam":
-        # Adam's weight decay is L2 added to the gradient; AdamW's is decoupled.
-        return torch.optim.Adam(groups, lr=lr, **fused)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, **fused)
-    if name == "lion":
-        return Lion(groups, lr=lr)
-    raise bad("optimizer", spec, f"use one of {', '.join(OPTIMIZERS)}, a callable param_groups -> Optimizer, "
-              "or a torch.optim.Optimizer instance.")
+    if name not in CLASSES:
+        raise bad("optimizer", spec, f"use one of {', '.join(OPTIMIZERS)}, a callable param_groups -> Optimizer, "
+                  "or a torch.optim.Optimizer instance.")
+    chosen = check_options(spec, options)
+    # Adam's weight decay is L2 added to the gradient; AdamW's is decoupled. Lion has no fused kernel.
+    fused = {"fused": True} if device.type == "cuda" and name != "lion" else {}
+    if "fused" in chosen or "foreach" in chosen:
+        fused = {}  # the user's choice of implementation
+    try:
+        return CLASSES[name](groups, lr=lr, **fused, **chosen)
+    except (TypeError, ValueError) as err:
+        raise bad("optimizer_options", dict(options or {}), f"{name} refused them ({err}); fix that value.") from err
+
+
+CLASSES: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
+                                                   "sgd": torch.optim.SGD, "lion": Lion}
+_SET_BY_CADENCE = ("self", "params", "lr", "weight_decay")  # the Trainer's own arguments set these
+
+
+def option_names(name: str) -> list[str]:
+    """The options the optimizer called ``name`` takes besides the ones cadence sets (``lr``, ``weight_decay``)."""
+    signature = inspect.signature(CLASSES[name].__init__)
+    return [k for k, v in signature.parameters.items()
+            if k not in _SET_BY_CADENCE and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+
+
+def check_options(spec: Any, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``optimizer_options`` checked against the optimizer's own options; YAML lists become tuples (``betas``)."""
+    if not options:
+        return {}
+    if not isinstance(options, Mapping):
+        raise bad("optimizer_options", options, "give a mapping of option names to values, e.g. "
+                  "{betas: [0.9, 0.99], eps: 1e-8}.")
+    if not isinstance(spec, str):
+        raise bad("optimizer_options", dict(options), "they go to an optimizer chosen by name; give a callable "
+                  "or class its options itself (e.g. init_args of a class_path), or name the optimizer.")
+    name = spec.lower()
+    if name not in CLASSES:
+        return dict(options)  # build_optimizer names the bad optimizer
+    valid = option_names(name)
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        own = [k for k in unknown if k in _SET_BY_CADENCE]
+        hint = f" ({', '.join(own)}: use the Trainer's own argument)" if own else ""
+        raise bad("optimizer_options", dict(options), f"{name} has no option {', '.join(map(repr, unknown))}"
+                  f"{hint}; its options are {', '.join(valid)}.")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
 def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
