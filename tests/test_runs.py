@@ -123,3 +123,40 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
     errors = capsys.readouterr().err.splitlines()
     assert errors[0].startswith("cadence: error: dir=") and "no such folder" in errors[0]
     assert errors[1].startswith("cadence: error: --mode='best': use \"min\"")
+
+
+def test_damaged_metrics_are_skipped_with_one_warning_and_never_hide_other_runs(tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    good = fake_run(tmp_path / "20260101-good")
+    damaged = fake_run(tmp_path / "20260102-damaged")
+    with open(damaged / "metrics.jsonl", "ab") as f:
+        f.write(b"\x89PNG\r\n\x1a\n\x00\x00\xff binary\n")
+        f.write(b'{"step": "ten", "split": "train", "loss": 1.0}\n{"step": 5, "split": "train", "loss": "high"}\n')
+    broken = fake_run(tmp_path / "20260103-broken")
+    (broken / "config.yaml").write_text("trainer: [unclosed\n")
+    with pytest.warns(UserWarning) as caught:
+        assert main(["runs", str(tmp_path)]) == 0
+    messages = [str(w.message) for w in caught]
+    assert sum("metrics.jsonl: skipped" in m and str(damaged) in m for m in messages) == 1
+    assert any(str(broken) in m for m in messages)
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[good.name][1] == "finished" and rows[damaged.name][1] == "finished"
+    assert rows[damaged.name][2] == "100/100" and rows[broken.name][1] == "unreadable"
+    assert len(read_records(damaged)) == len(read_records(good))
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert main(["report", str(damaged)]) == 0
+        assert (damaged / "report.html").is_file()
+
+
+def test_a_run_whose_lock_a_live_process_holds_is_running(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = fake_run(tmp_path / "r", age_s=7200, final=False)
+    assert status(run, read_records(run)) == "crashed"
+    (run / ".lock").write_text(f"{os.getpid()}\n")
+    assert status(run, read_records(run)) == "running"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / ".lock").write_text(dead.stdout)  # left behind by a killed run: its process is gone
+    assert status(run, read_records(run)) == "crashed"

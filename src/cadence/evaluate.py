@@ -14,16 +14,39 @@ from .outputs import Forward, call_model, read_output
 from .precision import Precision
 
 
+class ValidationStopped(Exception):
+    """A stop signal arrived during validation: the pass ended early and its partial sums are discarded."""
+
+
+def stop_check(signals: Any, strategy: Any, distributed: bool) -> tuple[Any, Any]:
+    """``(stop, agree)`` for :func:`evaluate`: only during ``fit()`` (a test pass after a stopped fit runs whole).
+    With FSDP every forward is collective, so a pass is never cut short there (the stop comes at the next step)."""
+    if strategy.name == "fsdp" or not signals.active:
+        return None, None
+    return signals, strategy.max_values if distributed else None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, move: Callable[[Any], Any],
              forward: Forward | None, metric_fns: Mapping[str, Callable[[Any, Any], Any]],
              inputs: Sequence[str] | None = None,
              loss_weights: Mapping[str, float] | None = None,
-             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             forward_kwargs: Mapping[str, Any] | None = None,
+             part_names: Sequence[str] | None = None,
+             stop: Any = None, agree: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
     """Means weighted by batch size (or ``num_items``), in eval mode; the model's mode is restored after.
+
+    ``forward_kwargs`` are added to every model call (the Trainer's ``val_forward_kwargs``); ``part_names``
+    names the entries of a ``(loss, (part, ...))`` tuple.
 
     Sums stay on the device and are read once at the end; with ``all_reduce`` (each rank validating its
     share) they are summed over the ranks first.
+
+    ``stop`` (the fit's :class:`~cadence.signals.StopSignals`) is looked at after each batch: once a stop signal
+    has arrived the pass ends there and :class:`ValidationStopped` is raised, so a long validation never
+    outlasts a scheduler's grace period. With several processes ``agree`` (the strategy's ``max_values``)
+    makes every rank, at the end of its own pass, discard the validation if any rank stopped.
     """
     was_training = model.training
     model.eval()
@@ -33,8 +56,8 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
         for batch in batches:
             batch = move(batch)
             with precision.autocast():
-                raw = call_model(model, batch, forward, inputs)
-            out = read_output(raw, training=False, loss_weights=loss_weights)
+                raw = call_model(model, batch, forward, inputs, forward_kwargs)
+            out = read_output(raw, training=False, loss_weights=loss_weights, part_names=part_names)
             if out.num_items is not None:
                 weight, loss = out.num_items, out.loss  # already a sum over num_items
             else:
@@ -47,8 +70,15 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
             for k, v in values.items():
                 sums[k] = v if k not in sums else sums[k] + v
             total = total + weight
+            if stop is not None and stop.received is not None:  # a Python attribute check per batch
+                break
     finally:
         model.train(was_training)
+    stopped = stop is not None and stop.received is not None
+    if agree is not None and stop is not None:
+        stopped = agree([float(stopped)])[0] > 0  # one tiny collective per pass: every rank takes one branch
+    if stopped:
+        raise ValidationStopped("a stop signal arrived during validation; the partial validation is discarded")
     if not sums:
         raise bad("val_data", "no batches", "validation yielded nothing; the validation data is empty.")
     names = [*sums, "__total__"]

@@ -1,42 +1,321 @@
-"""The run folder: refusing to clobber an earlier run, and trimming its log back to a checkpoint."""
+"""The run folder: one owner at a time, claimed only once every check has passed, never clobbered.
+
+- **Checked first, changed last.** :func:`check_run_dir` only reads (is it a file, does it hold a run, can it
+  be written); the folder is created, locked, cleared (``overwrite``) and given its ``config.yaml`` only when
+  ``fit()`` starts, after the whole config, every ``Trainer`` argument and the resume checkpoint were checked.
+- **Locked while training.** ``fit()`` holds ``fcntl.flock`` on ``RUN/.lock`` (which holds its PID): a second
+  process training in the same folder fails at once, naming the PID. The kernel drops the lock when the
+  process dies, so a SIGKILLed run leaves no stale lock. With several processes, rank 0 holds it for all.
+- **Overwrite removes only what cadence wrote**: its known files and folders, and ``checkpoints/step-*``
+  folders whose manifest says cadence wrote them. A user's file is never removed.
+"""
 
 from __future__ import annotations
 
-import json
+import errno
+import itertools
+import os
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .errors import bad
+from .errors import ConfigError, bad
 
-RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final")
+try:  # POSIX; elsewhere the folder is not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK = ".lock"
+# Top-level files a run writes. config.yaml is not among them: a script may write its own before training,
+# and cadence fit replaces it (atomically) when the run starts.
+FILES = ("metrics.jsonl",)
+FINAL = ("model.safetensors", "ema.safetensors")  # final/ files
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # folders the trackers' own libraries fill
+EXTRA = ("report.html", "profile/trace.json")  # removed by overwrite, but alone they are no run
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to write into an earlier run unless told to; with ``overwrite``, remove what cadence wrote."""
+def notice(text: str) -> None:
+    """One line for the user on stderr (the main process calls it)."""
+    print(f"cadence: {text}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def run_contents(run_dir: Path, extra: bool = False) -> list[Path]:
+    """What cadence wrote into ``run_dir`` (its files, tracker folders and its own checkpoint folders)."""
+    from .checkpoint.format import TMP_PREFIX
+    from .checkpoint.store import NAME, written_by_cadence
+
+    if not run_dir.is_dir():
+        return []
+    names = [*FILES, *(f"final/{n}" for n in FINAL), *TRACKERS, *(EXTRA if extra else ())]
+    found = [run_dir / n for n in names if (run_dir / n).exists()]
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        found += sorted(p for p in checkpoints.iterdir() if p.is_dir() and (
+            (NAME.match(p.name) and written_by_cadence(p)) or p.name.startswith(TMP_PREFIX)))
+    return found
+
+
+def _shown(path: str | Path) -> str:
+    text = str(path)
+    return text if len(text) <= 80 else text[:40] + "..." + text[-30:]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name too long to even look up
+        return False
+
+
+def check_writable(path: Path, name: str = "run_dir") -> None:
+    """Raise the one-sentence error when ``path`` could not be created or written (read only, no mkdir)."""
+    existing = path
+    while not _exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    limit = 255
+    with suppress(OSError, ValueError):
+        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    if any(len(os.fsencode(part)) > limit for part in path.parts):
+        raise bad(name, _shown(path), f"a folder name in it is longer than the file system allows ({limit} "
+                  "bytes); choose a shorter name.")
+    if not existing.is_dir():
+        raise bad(name, _shown(path), f"cannot write there: {existing} is a file, not a folder; choose a folder "
+                  "path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise bad(name, _shown(path), f"cannot write there ({existing} is read-only for this user); choose a "
+                  "folder you can write to.")
+
+
+def check_run_dir(run_dir: Path, overwrite: bool, fresh: bool = True, name: str = "run_dir") -> None:
+    """Checks that only read: ``run_dir`` can be written, and (for a fresh run) holds no run unless
+    ``overwrite``. ``fit()`` repeats the second check under the lock."""
+    check_writable(run_dir, name)
     if run_dir.exists() and not run_dir.is_dir():
-        raise bad("run_dir", str(run_dir), "it is a file; choose a folder path.")
-    existing = [m for m in RUN_MARKERS if (run_dir / m).exists()]
-    if existing and not overwrite:
-        raise bad("run_dir", str(run_dir), f"it already holds a run ({', '.join(existing)}); continue it with "
-                  "resume='auto' (--resume), pick another folder, or pass overwrite=True (--overwrite).")
-    for name in existing:
-        target = run_dir / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        raise bad(name, str(run_dir), "it is a file; choose a folder path.")
+    if fresh and not overwrite:
+        refuse_existing_run(run_dir, name)
+
+
+def refuse_existing_run(run_dir: Path, name: str = "run_dir") -> None:
+    found = run_contents(run_dir)
+    if found:
+        shown = ", ".join(str(p.relative_to(run_dir)) for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise bad(name, str(run_dir), f"the folder already holds a run ({shown}); continue it with resume='auto' "
+                  "(--resume), choose another folder, or pass overwrite=True (--overwrite) to replace it.")
+
+
+FIXES = {errno.ENOSPC: "free some space; what was saved before is intact",
+         getattr(errno, "EDQUOT", -1): "free some space or raise your quota; what was saved before is intact",
+         errno.ENAMETOOLONG: "choose a shorter name", errno.EROFS: "choose a folder you can write to",
+         errno.EACCES: "choose a folder you can write to", errno.EPERM: "choose a folder you can write to"}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One sentence for an ``OSError`` (read-only folder, full disk, over-long name): the file, why, the fix."""
+    where = _shown(err.filename) if err.filename else "a file"
+    if err.errno in FIXES:
+        return f"cannot write {where} ({err.strerror}); {FIXES[err.errno]}."
+    return f"{where}: {err.strerror or err}."
+
+
+def os_error(err: OSError, name: str = "run_dir", path: Path | None = None) -> ConfigError:
+    """An ``OSError`` met while writing the run folder, as the ConfigError naming the argument."""
+    return ConfigError(f"{name}={_shown(path or err.filename or '?')!r}: {describe_os_error(err)}")
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def clear_run(run_dir: Path) -> list[str]:
+    """Remove what cadence wrote into ``run_dir`` (and nothing else); the removed paths, relative."""
+    removed = []
+    for path in run_contents(run_dir, extra=True):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(str(path.relative_to(run_dir)))
+    for folder in ("final", "checkpoints", "profile"):  # left only when they hold a user's files
+        with suppress(OSError):
+            (run_dir / folder).rmdir()
+    return removed
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write ``path`` whole or not at all (a full disk leaves the old file as it was), with the umask."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def unique_run_dir(base: Path) -> Path:
+    """Make a new folder ``base`` (or ``base-2``, ``base-3``, ...) atomically: runs started in the same
+    second never share one."""
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for i in itertools.count(1):
+            path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise os_error(err, "--run-dir", base) from None
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def removed_on_failure(path: Path, made: bool) -> Iterator[None]:
+    """A folder made for this run is removed again (when still empty) if the run fails before writing."""
+    try:
+        yield
+    except BaseException:
+        if made:
+            with suppress(OSError):
+                path.rmdir()
+        raise
+
+
+class RunLock:
+    """``fcntl.flock`` on ``RUN/.lock``, which holds the owner's PID; the file is removed on release."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.path = run_dir, run_dir / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None or self._fd is not None:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise ConfigError(f"run_dir={str(self.run_dir)!r}: another process (PID {holder}) is training "
+                                      "in this folder now; wait for it to end, stop it, or choose another folder."
+                                      ) from None
+                if _same_file(fd, self.path):
+                    break
+                os.close(fd)  # the holder removed the file between our open and our lock: take the new one
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as err:
+            raise os_error(err, "run_dir", self.run_dir) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with suppress(OSError):  # removed while still locked, so a process waiting on the old file retries
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+class RunFolder:
+    """The run folder of one ``Trainer``: checked when it is built, locked while ``fit()`` runs, and claimed
+    (cleared with ``overwrite``) and given its ``config.yaml`` only once resuming has succeeded."""
+
+    def __init__(self, path: Path, overwrite: bool, resume: Any, is_main: bool) -> None:
+        self.path, self.overwrite, self.fresh, self.is_main = Path(path), overwrite, resume is None, is_main
+        self.config_yaml: str | None = None  # cadence fit's resolved config, written as config.yaml at start
+        self._lock = RunLock(self.path)
+        self._claimed = False
+        if is_main:
+            check_run_dir(self.path, overwrite, fresh=self.fresh)
+
+    def lock(self, strategy: Any = None) -> None:
+        """Take the lock (rank 0); every rank fails together when it is held elsewhere."""
+        error = None
+        if self.is_main:
+            try:
+                self._lock.acquire()
+            except ConfigError as err:
+                error = err
+        if strategy is not None and strategy.world_size > 1 and strategy.any(error is not None) and error is None:
+            self.unlock()
+            raise ConfigError(f"run_dir={str(self.path)!r}: rank 0 could not take the run folder (see its error).")
+        if error is not None:
+            raise error
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+    def start(self) -> None:
+        """Under the lock, after resuming: claim the folder once (clearing it with ``overwrite``), write
+        ``config.yaml``. Main process only."""
+        if not self.is_main:
+            return
+        try:
+            if self.fresh and not self._claimed:
+                if not self.overwrite:
+                    refuse_existing_run(self.path)
+                removed = clear_run(self.path)
+                if removed:
+                    notice(f"overwrite: removed {', '.join(removed)} from {self.path}")
+            self._claimed = True
+            if self.config_yaml is not None:
+                write_atomic(self.path / "config.yaml", self.config_yaml)
+                self.config_yaml = None
+        except OSError as err:
+            raise os_error(err, "run_dir", self.path) from None
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def check_resume(folder: Path | None, resume: Any, run_dir: Path | None, max_steps: int | None,
+                 step: int, is_main: bool) -> None:
+    """Before a checkpoint is loaded: a ``max_steps`` below its step is an error; no usable checkpoint for
+    ``resume="auto"`` is said (training starts from step 0) rather than silent."""
+    from .checkpoint.format import read_json
+
+    if folder is None:
+        if str(resume) == "auto" and step == 0 and is_main:
+            where = run_dir / "checkpoints" if run_dir is not None else "the run folder"
+            notice(f"resume: no usable checkpoint in {where}; starting from step 0")
+        return
+    saved = read_json(folder / "trainer.json").get("step")
+    if max_steps is not None and isinstance(saved, int) and saved > max_steps:
+        raise bad("max_steps", max_steps, f"the checkpoint {folder} is already at step {saved}; raise max_steps "
+                  f"(--trainer.max_steps) to at least {saved}, or start a new run.")
+
+
+def stop_message(step: int, run_dir: Path | None, saved: bool) -> str:
+    """What a stop signal did, and how to continue."""
+    if run_dir is None or not saved:
+        return f"stopped at step {step}; no run folder, so nothing was saved"
+    return f"stopped at step {step}, checkpoint saved: resume with `cadence fit --resume {run_dir}`"
 
 
 def records_until(path: Path, step: int, count: int | None = None) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl`` written before a checkpoint: its first ``count`` records (or, for a
-    checkpoint that does not say, those up to ``step``); the rest are dropped from the file."""
+    checkpoint that does not say, those up to ``step``); the rest (and damaged lines) are dropped from the file,
+    which is replaced whole."""
+    from .loggers.jsonl import encode, read_jsonl
+
     if not path.exists():
         return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a crash
-            continue
-        if (count is not None and len(kept) < count) or (count is None and record.get("step", 0) <= step):
-            kept.append(record)
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    records = read_jsonl(path)
+    kept = records[:count] if count is not None else [r for r in records if r["step"] <= step]
+    write_atomic(path, "".join(encode(r) for r in kept))
     return kept

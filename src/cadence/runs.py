@@ -6,9 +6,9 @@ A run folder is what ``cadence fit`` (or ``Trainer(run_dir=...)``) writes: ``con
 
 from __future__ import annotations
 
-import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ class RunSummary:
 
     name: str
     path: Path
-    status: str  # "running", "finished", "stopped" or "crashed"
+    status: str  # "running", "finished", "stopped", "crashed" or "unreadable"
     step: int | None
     max_steps: int | None
     best: float | None  # the best value of the chosen validation metric
@@ -33,17 +33,12 @@ class RunSummary:
     wall_s: float | None
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``RUN/metrics.jsonl``, in order; a line cut short by a crash is skipped."""
-    records = []
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``RUN/metrics.jsonl``, in order; damaged lines (a line cut short by a crash, garbage, a
+    non-numeric step) are skipped with one warning naming the file. The one reader, for every tool."""
+    from .loggers.jsonl import read_jsonl
+
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -93,10 +88,13 @@ def status(run_dir: Path, records: list[dict[str, Any]], now: float | None = Non
            active_minutes: float = ACTIVE_MINUTES) -> str:
     """finished (final weights written after the last record), stopped, running, or crashed.
 
-    stopped: the last record is a ``"stop"`` event (a signal, or early stopping that ended before the final
-    weights were written); running: not finished and ``metrics.jsonl`` changed in the last ``active_minutes``.
+    running: a live process holds the run's lock (``RUN/.lock``), or, not finished, ``metrics.jsonl`` changed in
+    the last ``active_minutes``; stopped: the last record is a ``"stop"`` event (a signal, or early stopping that
+    ended before the final weights were written).
     """
     now = time.time() if now is None else now
+    if training_pid(run_dir) is not None:
+        return "running"
     final = run_dir / "final" / "model.safetensors"
     metrics = run_dir / "metrics.jsonl"
     last_write = max((p.stat().st_mtime for p in (metrics, run_dir / "config.yaml") if p.exists()), default=0.0)
@@ -107,6 +105,21 @@ def status(run_dir: Path, records: list[dict[str, Any]], now: float | None = Non
     if now - last_write < active_minutes * 60:
         return "running"
     return "crashed"
+
+
+def training_pid(run_dir: Path) -> int | None:
+    """The PID in ``RUN/.lock`` when that process is alive on this machine (the lock file exists only while a
+    process trains, or after one was killed)."""
+    import os
+
+    try:
+        pid = int((run_dir / ".lock").read_text().strip())
+        os.kill(pid, 0)
+    except PermissionError:  # alive, another user's
+        return pid
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def wall_time(records: list[dict[str, Any]]) -> float | None:
@@ -146,6 +159,16 @@ def summarize(run_dir: Path, metric: str = "val/loss", mode: str = "min", now: f
     max_steps = (read_config(run_dir).get("trainer") or {}).get("max_steps")
     return RunSummary(run_dir.name, run_dir, status(run_dir, records, now), max(steps) if steps else None,
                       max_steps if isinstance(max_steps, int) else None, best, best_step, wall_time(records))
+
+
+def summarize_or_unreadable(run_dir: Path, metric: str = "val/loss", mode: str = "min") -> RunSummary:
+    """:func:`summarize`, or a row with status ``"unreadable"`` (and a warning saying why), so that one damaged
+    run never hides the others."""
+    try:
+        return summarize(run_dir, metric, mode)
+    except Exception as err:  # a config.yaml that is not YAML, a file that cannot be read, ...
+        warnings.warn(f"{run_dir}: cannot read the run ({type(err).__name__}: {str(err)[:120]})", stacklevel=2)
+        return RunSummary(run_dir.name, run_dir, "unreadable", None, None, None, None, None)
 
 
 def format_duration(seconds: float | None) -> str:

@@ -1,7 +1,8 @@
 """Stop cleanly on SIGTERM, SIGINT and SIGUSR1 (cluster preemption).
 
-The first signal asks the loop to finish the current step, save a checkpoint and exit with code
-``128 + signal number`` (SIGTERM 143, SIGINT 130, SIGUSR1 138); a second SIGINT stops at once.
+The first signal asks the loop to finish the current step and save a checkpoint; then ``fit()`` raises
+``KeyboardInterrupt`` for SIGINT (Ctrl-C: Python code can catch it, and ``cadence fit`` exits 130) and
+``SystemExit(128 + signal number)`` for the others (SIGTERM 143, SIGUSR1 138). A second SIGINT stops at once.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1")) if s)
 
@@ -39,5 +40,16 @@ class StopSignals:
         self._previous.clear()
 
     @property
+    def active(self) -> bool:
+        """Whether the handlers are installed (inside ``with``: during ``fit()``)."""
+        return bool(self._previous)
+
+    @property
     def exit_code(self) -> int:
         return 128 + int(self.received or 0)
+
+    def raise_stop(self, message: str) -> NoReturn:
+        """After the stop was handled: ``KeyboardInterrupt`` for SIGINT, else ``SystemExit(exit_code)``."""
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt(message)
+        raise SystemExit(self.exit_code)

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-
-
-def build(spec: Any, key: str) -> Any:
-    """An object from ``{class_path, init_args}``; ``None`` stays ``None``."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ConfigError(f"{key}={spec!r}: give a mapping with class_path (and optional init_args), e.g. "
-                          "{class_path: cadence.demo.Digits}.")
-    path = str(spec["class_path"])
-    module, _, attr = path.rpartition(".")
-    try:
-        target = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"{key}.class_path={path!r}: it does not import ({err}); give the full dotted path, "
-                          "e.g. cadence.demo.Digits, and check that its package is installed.") from None
-    return target(**(spec.get("init_args") or {}))
+from ..rundir import check_run_dir, removed_on_failure, unique_run_dir
+from .classes import build, instantiate  # objects from class_path + init_args; errors in one sentence
 
 
 def default_run_dir(cfg: Any) -> Path:
@@ -38,55 +23,73 @@ def default_run_dir(cfg: Any) -> Path:
     return Path("runs") / f"{stamp}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', str(name))}"
 
 
-def claim(run_dir: Path, overwrite: bool) -> None:
-    """Make sure ``run_dir`` is new (or may be replaced) and writable, before anything is built."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir={str(run_dir)!r}: it is a file; choose a folder path.")
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"--run-dir={str(run_dir)!r}: the folder already holds a run; continue it with --resume, "
-                          "choose another --run-dir, or pass --overwrite to replace it.")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".cadence-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--run-dir={str(run_dir)!r}: cannot write there ({err.strerror}); choose a folder you "
-                          "can write to.") from None
+def resume_folder(cfg: Any) -> Path:
+    """The run folder ``--resume`` names, checked: it exists, cadence fit started it, no other --run-dir."""
+    from ..runs import read_config
+
+    run_dir = Path(cfg.resume)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume={cfg.resume!r}: no such folder; give the folder of a run that cadence fit "
+                          "started (see `cadence runs`).")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume={cfg.resume!r}: no config.yaml there; give the folder of a run that "
+                          "cadence fit started.")
+    stored = read_config(run_dir).get("run_dir")  # --run-dir from the run's own config.yaml, not the user
+    if cfg.run_dir and cfg.run_dir != stored and Path(cfg.run_dir).resolve() != run_dir.resolve():
+        raise ConfigError(f"--run-dir={cfg.run_dir!r}: --resume {cfg.resume!r} continues the run in its own "
+                          "folder; drop --run-dir (or copy the run folder and resume the copy).")
+    return run_dir
 
 
 def run_fit(parser: Any, cfg: Any) -> int:
+    """Check the run folder (read only), then build and train; the folder is written only by ``fit()``."""
+    rank = int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
+    made = False  # a default folder is made at once (atomically, so runs started together never share one)
+    if cfg.resume:
+        run_dir = resume_folder(cfg)
+    elif cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+        if not rank:  # rank 0 (or a single process) checks; the folder is made when fit() starts
+            check_run_dir(run_dir, cfg.overwrite, name="--run-dir")
+    elif rank is not None:
+        raise ConfigError("--run-dir=None: with several processes every rank must write into the same folder; "
+                          "pass --run-dir, or launch with cadence fit --nproc N, which picks one for all.")
+    else:
+        run_dir, made = unique_run_dir(default_run_dir(cfg)), True
+    cfg.run_dir = str(run_dir)
+    with removed_on_failure(run_dir, made):  # a run that fails its checks leaves no empty folder behind
+        return _train(parser, cfg, run_dir)
+
+
+def _train(parser: Any, cfg: Any, run_dir: Path) -> int:
     import torch
 
     from ..trainer import Trainer
 
-    rank = int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume={cfg.resume!r}: no config.yaml there; give the folder of a run that "
-                              "cadence fit started.")
-    else:
-        if not cfg.run_dir and rank is not None:
-            raise ConfigError("--run-dir=None: with several processes every rank must write into the same folder; "
-                              "pass --run-dir, or launch with cadence fit --nproc N, which picks one for all.")
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-        if not rank:  # rank 0 (or a single process) checks and makes the folder; the others only use it
-            claim(run_dir, cfg.overwrite)
-    cfg.run_dir = str(run_dir)
     torch.manual_seed(cfg.trainer.seed)  # the model's initial weights are part of the run: seed them too
-    init = parser.instantiate(cfg)
+    init = instantiate(parser, cfg)
     data = build(cfg.data, "data")
     val_data = build(cfg.val_data, "val_data")
+    test_data = build(cfg.get("test_data"), "test_data")
     trainer = Trainer(init.model, data, val_data=val_data, run_dir=run_dir, overwrite=cfg.overwrite,
                       resume="auto" if cfg.resume else None, **dict(init.trainer))
     resolved = cfg.clone()
     resolved.config = None
     resolved.overwrite = False
     resolved.resume = None
+    # written by fit() once it holds the folder and resuming succeeded: a failed start leaves the old one as it was
+    trainer.run_folder.config_yaml = parser.dump(resolved, skip_unset=False)
+    if trainer.is_main:  # before the first step (and any compiling): where to look, at once
+        print(f"run folder: {run_dir}", flush=True)
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C: fit() saved the step in progress and said so (unless the second Ctrl-C)
+        if trainer.stop_reason is None and trainer.is_main:
+            print(f"cadence: interrupted at step {trainer.step}, nothing saved", file=sys.stderr, flush=True)
+        return 130
+    line = trainer.summary()
+    if test_data is not None:
+        line += "".join(f" {k.replace('/', '_')}={v:.4f}" for k, v in trainer.test(test_data).items())
     if trainer.is_main:
-        (run_dir / "config.yaml").write_text(parser.dump(resolved, skip_unset=False))
-    trainer.fit()
-    if trainer.is_main:
-        print(trainer.summary(), flush=True)
+        print(line, flush=True)
     return 0

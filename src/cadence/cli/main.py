@@ -15,6 +15,7 @@ from typing import Any
 
 from ..checkpoint.format import CheckpointError
 from ..errors import ConfigError
+from .classes import explain_class_error
 
 # Trainer arguments the CLI fills itself, or that only make sense from Python.
 SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "resume"}
@@ -25,9 +26,11 @@ def fit_parser() -> Any:
     from torch import nn
 
     from ..trainer import Trainer
+    from .help import short_help_parser
 
-    parser = ArgumentParser(prog="cadence fit", exit_on_error=False,
-                            description="Train a model. With no --config and no --model: the built-in digits demo.")
+    parser = short_help_parser(ArgumentParser)(
+        prog="cadence fit", exit_on_error=False,
+        description="Train a model. With no --config and no --model: the built-in digits demo.")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with model, data and trainer sections")
     parser.add_subclass_arguments(nn.Module, "model", required=True,
                                   help="the model (class_path + init_args); its forward returns the loss")
@@ -35,6 +38,8 @@ def fit_parser() -> Any:
                         help="the training data: class_path + init_args of a Dataset or tensors")
     parser.add_argument("--val_data", type=dict[str, Any] | None, default=None,
                         help="validation data, like --data (or use --trainer.valid_frac)")
+    parser.add_argument("--test_data", type=dict[str, Any] | None, default=None,
+                        help="test data, like --data: measured once after training, logged as test/...")
     parser.add_class_arguments(Trainer, "trainer", skip=SKIP, instantiate=False, sub_configs=True,
                                help="every Trainer argument, as --trainer.NAME")
     parser.add_argument("--run_dir", "--run-dir", type=str | None, default=None,
@@ -57,6 +62,8 @@ def export_parser() -> Any:
     parser.add_argument("run", type=str, help="the run folder")
     parser.add_argument("-o", "--output", type=str, default="model.safetensors", help="the file to write")
     parser.add_argument("--ema", action=ActionYesNo, default=False, help="export the EMA weights")
+    parser.add_argument("--best", action=ActionYesNo, default=False,
+                        help="export the checkpoint kept by trainer.keep_best instead of the newest")
     parser.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace an existing output file")
     return parser
 
@@ -102,13 +109,47 @@ def with_defaults(argv: list[str]) -> list[str]:
     if argv[:1] == ["fit"] and "--resume" in argv[:-1]:
         from pathlib import Path
 
-        run = argv[argv.index("--resume") + 1]
-        return ["fit", "--config", str(Path(run) / "config.yaml"), *argv[1:]]
-    if argv[:1] == ["fit"] and not any(a.startswith(("--config", "--model", "-h", "--help")) for a in argv):
+        config = Path(argv[argv.index("--resume") + 1]) / "config.yaml"
+        if config.is_file():  # else run_fit says what is wrong with --resume (not with a --config never given)
+            return ["fit", "--config", str(config), *argv[1:]]
+    # --model.NAME alone changes the demo's model; a class of one's own (--model X) needs its own data
+    whole = ("--config", "--model", "--model.class_path", "-h", "--help")
+    if argv[:1] == ["fit"] and not any(a.split("=")[0] in whole for a in argv):
         from ..demo import CONFIG
 
         return ["fit", "--config", str(CONFIG), *argv[1:]]
     return argv
+
+
+def parse(parser: Any, argv: list[str]) -> Any:
+    """Parse and check the command line: the demo or --resume config first, data sections merged."""
+    from .checks import check_fit
+    from .sections import prepare_fit_args
+
+    if not any(a.split("=")[0].endswith(".help") for a in argv):  # --model.help CLASS: a class's own help
+        argv = with_defaults(argv)
+        if argv[:1] == ["fit"]:
+            argv = ["fit", *prepare_fit_args(argv[1:])]
+    cfg = parser.parse_args(argv)
+    if cfg.command == "fit":
+        check_fit(cfg.fit, argv)
+    return cfg
+
+
+def check_launch(parser: Any, rest: list[str]) -> None:
+    """What the ``--nproc`` launcher checks before starting workers: the config and the run folder."""
+    from pathlib import Path
+
+    from ..rundir import check_run_dir
+    from .checks import check_trainer_values
+    from .fit import resume_folder
+
+    cfg = parse(parser, ["fit", *rest]).fit
+    check_trainer_values(cfg)
+    if cfg.resume:
+        resume_folder(cfg)
+    elif cfg.run_dir:
+        check_run_dir(Path(cfg.run_dir), cfg.overwrite, name="--run-dir")
 
 
 def known_keys(parser: Any) -> list[str]:
@@ -136,15 +177,20 @@ def explain(err: Exception, parser: Any) -> str:
         hint = f"did you mean --{close[0]}?" if close else "see `cadence fit --help` for the valid options."
         return f"{key}: unknown option; {hint}"
     where = re.search(r'Parser key "([\w.]+)"', message)
-    cls = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(.+)", message)
-    if cls and not cls.group(2).lstrip().startswith("Parser key"):
-        return (f"{where.group(1) if where else 'class_path'}.class_path={cls.group(1)!r}: it does not import "
-                f"({cls.group(2).strip()}); give the full dotted path of an installed class, e.g. "
-                "cadence.demo.DigitsMLP.")
+    about_class = explain_class_error(message)
+    if about_class:
+        return about_class
+    nested = re.search(r"NestedArg\(key='([\w.]+)', val='(.*?)'\)", message)
+    if where and nested:
+        example = {"model": "my_module.MyModel", "trainer.optimizer": "torch.optim.AdamW"}.get(where.group(1),
+                                                                                             "CLASS_PATH")
+        return (f"--{where.group(1)}.{nested.group(1)}={nested.group(2)}: {where.group(1)} is not given as a class "
+                f"(class_path + init_args) here, so it has no option {nested.group(1)!r}; give the class first, "
+                f"e.g. --{where.group(1)} {example} --{where.group(1)}.{nested.group(1)} {nested.group(2)}.")
     inner = re.findall(r'Parser key "([\w.]+)":\s*\n?\s*Expected a <class \'(\w+)\'>\. Got value: (.+)', message)
     if inner:
         name, expected, value = inner[-1]
-        prefix = f"{where.group(1)}.init_args." if where else ""
+        prefix = f"{where.group(1)}.init_args." if where and where.group(1) != name else ""
         return f"{prefix}{name}={value.strip()!r}: expected a value of type {expected}; fix the value."
     given = re.search(r"Given value: (.+)", message)
     subtypes = re.findall(r"<class '(\w+)'>", message.split("Errors:")[0])
@@ -157,25 +203,39 @@ def explain(err: Exception, parser: Any) -> str:
     return " ".join(line.strip() for line in message.splitlines())
 
 
+def short_warnings() -> None:
+    """cadence's own warnings (a damaged metrics.jsonl, a skipped checkpoint) as one ``cadence: warning:`` line."""
+    import warnings
+
+    default = warnings.formatwarning
+    if getattr(default, "cadence", False):
+        return
+
+    def short(message: Any, category: Any, filename: str, *rest: Any, **kw: Any) -> str:
+        if f"{os.sep}cadence{os.sep}" in filename:
+            return f"cadence: warning: {message}\n"
+        return default(message, category, filename, *rest, **kw)
+
+    short.cadence = True  # type: ignore[attr-defined]
+    warnings.formatwarning = short
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input)."""
     if os.getcwd() not in sys.path:  # class paths of the project being trained resolve from where cadence runs
         sys.path.insert(0, os.getcwd())
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .launch import wants_launch
+    short_warnings()
+    from .launch import die_with_launcher, wants_launch
 
-    if wants_launch(argv):
-        from .launch import launch
-
-        try:
-            return launch(argv)
-        except ConfigError as err:
-            print(f"cadence: error: {err}", file=sys.stderr)
-            return 2
-    argv = with_defaults(argv)
+    die_with_launcher()  # a worker of cadence fit --nproc never outlives its launcher
     parser = root_parser()
     try:
-        cfg = parser.parse_args(argv)
+        if wants_launch(argv):
+            from .launch import launch
+
+            return launch(argv, lambda rest: check_launch(parser, rest))  # checked once, before any worker starts
+        cfg = parse(parser, argv)
         if cfg.command == "fit":
             from .fit import run_fit
 
@@ -193,8 +253,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return runs(cfg.runs)
     except (ConfigError, CheckpointError) as err:
-        print(f"cadence: error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK") or 0) == 0:  # under several processes rank 0 alone reports it
+            print(f"cadence: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only folder, a full disk, an over-long name: one sentence, no traceback
+        from ..rundir import describe_os_error
+
+        print(f"cadence: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     except Exception as err:
         if type(err).__name__ != "ArgumentError":
             raise

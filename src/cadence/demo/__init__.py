@@ -12,9 +12,12 @@ CONFIG = Path(__file__).with_name("digits.yaml")
 
 
 class Digits(TensorDataset):
-    """1,797 images of 8x8 digits as ``(pixels, label)``: pixels scaled to [0, 1], flattened to 64 values."""
+    """1,797 images of 8x8 digits as ``(pixels, label)``: pixels scaled to [0, 1], flattened to 64 values.
 
-    def __init__(self) -> None:
+    ``n`` keeps only the first ``n`` images (a quick try: ``--data.n 200``); None keeps them all.
+    """
+
+    def __init__(self, n: int | None = None) -> None:
         try:
             from sklearn.datasets import load_digits
         except ImportError as err:  # pragma: no cover - the demo extra installs it
@@ -22,7 +25,9 @@ class Digits(TensorDataset):
         digits = load_digits()
         pixels = torch.tensor(digits.data, dtype=torch.float32) / 16.0
         labels = torch.tensor(digits.target, dtype=torch.long)
-        super().__init__(pixels, labels)
+        if n is not None and not 1 <= n <= len(labels):
+            raise ValueError(f"n={n!r}: there are {len(labels)} digits; give 1..{len(labels)}, or None for all.")
+        super().__init__(pixels[:n], labels[:n])
 
 
 class DigitsMLP(nn.Module):
