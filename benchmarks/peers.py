@@ -84,8 +84,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import common
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -105,40 +105,23 @@ STAMPS: list[float] = []
 
 
 # ------------------------------------------------------------------------------------------------ models
-class MLP(nn.Module):
-    """32 -> 32 -> 32 -> 10, the tiny model of the per-step overhead case."""
-
-    def __init__(self, features: int = 32, width: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                 nn.Linear(width, classes))
+class MLP(common.MLP):
+    """32 -> 32 -> 32 -> 10 (``common.MLP``), the tiny model of the per-step overhead case, stamping its forward."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.training:
             STAMPS.append(time.perf_counter())
-        return F.cross_entropy(self.net(x), y)
+        return super().forward(x, y)
 
 
-class TinyLM(nn.Module):
-    """A causal pre-norm transformer language model (no dropout, so every loop computes the same thing)."""
-
-    def __init__(self, vocab: int = 256, d_model: int = 64, heads: int = 4, layers: int = 2, seq: int = 64) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d_model)
-        self.pos = nn.Parameter(torch.randn(seq, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True,
-                                           norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+class TinyLM(common.TinyLM):
+    """The small causal transformer LM (``common.TinyLM``, no dropout, so every loop computes the same thing),
+    stamping its forward."""
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.training:
             STAMPS.append(time.perf_counter())
-        t = tokens.shape[1]
-        h = self.blocks(self.emb(tokens) + self.pos[:t], mask=self.mask[:t, :t], is_causal=True)
-        return F.cross_entropy(self.head(self.norm(h)).flatten(0, 1), targets.flatten())
+        return super().forward(tokens, targets)
 
 
 @dataclass(frozen=True)

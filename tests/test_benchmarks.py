@@ -40,3 +40,22 @@ def test_gpu_benchmark_smoke_run_prints_its_table(capsys):
     assert gpu.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "| cadence |" in out and "max abs difference cadence vs hand: 0 " in out
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_the_built_in_compiled_loop(capsys):
+    """compile="max" on the GPU model, run small on the CPU (compiling: slow)."""
+    assert gpu.main(["--smoke", "--smoke-max"]) == 0
+    out = capsys.readouterr().out
+    assert "| max |" in out and "max abs difference compile='max' vs hand" in out
+
+
+@pytest.mark.slow
+def test_compiled_benchmark_quick_run_prints_its_table(capsys):
+    import compiled
+
+    assert compiled.main(["--quick", "--cases", "mlp", "--loops", "hand,hand-compiled,compile,fused"]) == 0
+    out = capsys.readouterr().out
+    for loop in ("hand", "hand-compiled", "compile", "fused"):
+        assert f"| {loop} |" in out
+    assert "| hand | " in out and "bitwise |" in out  # the eager hand loop is its own reference

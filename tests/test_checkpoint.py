@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file
 from torch import nn
 
 import cadence
 import cadence.checkpoint.format as ckpt_format
-import cadence.checkpoint.snapshot as snapshot
+import cadence.checkpoint.saver as saver_module
 from cadence import ConfigError
 from cadence.checkpoint import CheckpointError, Checkpoints, verify
 from helpers import MLP, CrashAt, assert_weights_equal, make_data, trainer
@@ -115,7 +116,7 @@ def test_checkpoint_folder_format(tmp_path):
     assert set(manifest["files"]) == names - {"manifest.json"}
     for name, entry in manifest["files"].items():
         data = (folder / name).read_bytes()
-        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, name
+        assert entry == {"xxh3_128": xxhash.xxh3_128(data).hexdigest(), "size": len(data)}, name
     assert verify(folder)["files"] == manifest["files"]
 
     for name in names:  # every file is safetensors or JSON: no pickle, no torch.save zip
@@ -610,7 +611,7 @@ def test_async_checkpoints_are_identical_to_synchronous_ones(tmp_path):
 def test_async_checkpoint_is_the_state_at_its_step(tmp_path, monkeypatch):
     """The write of step 6 is held back (as on a slow disk) until the trainer waits for it at the next save."""
     blocked, gate = threading.Event(), threading.Event()
-    real_encode, real_wait = ckpt_format.encode, snapshot.Saver.wait
+    real_encode, real_wait = ckpt_format.encode, saver_module.Saver.wait
 
     def slow_encode(files: Any) -> dict[str, bytes]:
         meta = files.get("trainer.json")
@@ -627,7 +628,7 @@ def test_async_checkpoint_is_the_state_at_its_step(tmp_path, monkeypatch):
     runs = {False: tmp_path / "sync", True: tmp_path / "async"}
     build(runs[False], max_steps=9, checkpoint_every=3).fit()
     monkeypatch.setattr(ckpt_format, "encode", slow_encode)
-    monkeypatch.setattr(snapshot.Saver, "wait", wait)
+    monkeypatch.setattr(saver_module.Saver, "wait", wait)
     build(runs[True], max_steps=9, checkpoint_every=3, async_checkpoint=True).fit()
     assert gate.is_set()
     sync = json.loads((step_dir(runs[False], 6) / "trainer.json").read_text())

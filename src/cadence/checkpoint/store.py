@@ -62,7 +62,7 @@ class Checkpoints:
                 shutil.rmtree(stray, ignore_errors=True)
         if self.keep_last is None:
             return
-        folders = [f for f in self.folders() if _written_by_cadence(f)]  # a user's folder is never counted
+        folders = [f for f in self.folders() if written_by_cadence(f)]  # a user's folder is never counted
         keep = set(folders[-self.keep_last:]) if self.keep_last > 0 else set()
         best = self._best(folders)
         if best is not None:
@@ -70,6 +70,19 @@ class Checkpoints:
         for folder in folders:
             if folder not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def best(self) -> Path | None:
+        """The checkpoint kept for ``keep_best`` (the best value of its metric among cadence's), or None."""
+        return self._best([f for f in self.folders() if written_by_cadence(f)])
+
+    def check_best(self, metrics: dict[str, float]) -> None:
+        """At a validation: ``keep_best``'s metric must be among the logged names (else nothing could ever be
+        kept as the best, and keep_last would delete it)."""
+        if self.keep_best is not None and self.keep_best[0] not in metrics:
+            from ..errors import bad
+
+            raise bad("keep_best", tuple(self.keep_best), f"{self.keep_best[0]!r} is never logged; the logged names "
+                      f"are {', '.join(sorted(metrics))}.")
 
     def _best(self, folders: list[Path]) -> Path | None:
         if self.keep_best is None:
@@ -86,7 +99,8 @@ class Checkpoints:
         return min(scored)[1] if scored else None
 
 
-def _written_by_cadence(folder: Path) -> bool:
+def written_by_cadence(folder: Path) -> bool:
+    """Whether the folder's manifest says cadence wrote it (a user's folder is never removed)."""
     try:
         return read_json(folder / "manifest.json").get("writer") == "cadence"
     except CheckpointError:

@@ -1,0 +1,156 @@
+"""``compile=True`` and ``compile="max"``: ``torch.compile`` in the Trainer, leaving what it saves untouched.
+
+``True`` compiles the model's forward, and with it its backward (AOTAutograd traces both):
+the module the step calls becomes ``torch.compile(model, fullgraph=True, **compile_options)``. At the first
+graph break it is compiled again with ``fullgraph=False``, after one message naming the break. ``"max"`` also
+compiles the gradient clipping and the optimizer step as one function (``step.clip`` + ``optimizer.step()``)
+for ``torch.optim.Adam``, ``AdamW`` and ``SGD``, with each group's learning rate handed in as a tensor so
+that a schedule does not recompile it every step. torch.optim's ``step`` breaks the graph on purpose (around
+its ``no_grad``), so this function is never one full graph.
+
+``trainer.model`` stays the plain module: checkpoints, the EMA, exports and state-dict keys never see
+``torch.compile``'s ``_orig_mod.`` prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .step import clip
+
+if TYPE_CHECKING:
+    from .step import StepParts
+
+# Optimizers whose step cadence compiles: their kernels take a tensor learning rate under torch.compile.
+COMPILED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+class FullgraphFirst:
+    """A compiled module's forward: ``fullgraph=True`` first; at a graph break, ``fullgraph=False`` for good."""
+
+    def __init__(self, full: Callable[..., Any], partial: Callable[[], Callable[..., Any]],
+                 say: Callable[[str], None]) -> None:
+        self.call, self._partial, self._say = full, partial, say
+        self.fullgraph = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.call(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported as err:
+            if not self.fullgraph:
+                raise
+            reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            self._say(f"compile: the model's forward does not compile as one graph ({reason}); compiling it "
+                      "with fullgraph=False, so the parts between graph breaks run eagerly")
+            self.fullgraph = False
+            self.call = self._partial()
+            return self.call(*args, **kwargs)
+
+
+class CompiledUpdate:
+    """``compile="max"``: the clip and the optimizer step of the step, compiled as one function.
+
+    The learning rates stay floats in ``param_groups`` (what the schedule writes and the records read); for
+    the compiled call each group's rate is copied into a 0-dim tensor of its own, so a new rate is new data,
+    not a new constant to recompile for.
+    """
+
+    def __init__(self, parts: StepParts, options: Mapping[str, Any]) -> None:
+        self.parts = parts
+        self._lrs: dict[int, torch.Tensor] = {}
+        self._fn = torch.compile(self._update, **options)
+
+    def _update(self) -> torch.Tensor | None:
+        grad_norm = clip(self.parts)
+        self.parts.optimizer.step()
+        return grad_norm
+
+    def __call__(self, parts: StepParts) -> torch.Tensor | None:
+        groups = parts.optimizer.param_groups
+        floats = [g["lr"] for g in groups]
+        for i, (group, value) in enumerate(zip(groups, floats)):
+            t = self._lrs.get(i)
+            if t is None:
+                device = group["params"][0].device if group["params"] else torch.device("cpu")
+                t = self._lrs[i] = torch.tensor(0.0, dtype=torch.float64 if device.type == "cpu" else
+                                                torch.float32, device=device)
+            t.fill_(value)
+            group["lr"] = t
+        try:
+            return self._fn()
+        finally:
+            for group, value in zip(groups, floats):
+                group["lr"] = value
+
+
+class Compiler:
+    """What the Trainer's ``compile`` and ``compile_options`` arguments do; ``Compiler(False)`` does nothing."""
+
+    def __init__(self, setting: bool | str, options: Mapping[str, Any] | None, say: Callable[[str], None]) -> None:
+        self.setting, self.options, self._say = setting, dict(options or {}), say
+        self._compiled: nn.Module | None = None
+        self.forward: FullgraphFirst | None = None
+        self.update_note = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.setting is not False
+
+    def attach(self, parts: StepParts, strategy: str) -> None:
+        """Compile the module the step calls (again, when the strategy wrapped it anew) and, with "max", the
+        clip + optimizer step (unless the optimizer or the precision cannot: then one message says so)."""
+        if not self.enabled:
+            return
+        if parts.model is not self._compiled:
+            self._compiled = parts.model = self._compile_module(parts.model)
+        if self.setting == "max" and parts.update is None:
+            why = self._update_blocker(parts, strategy)
+            if why:
+                self.update_note = f"; the clip and the optimizer step stay eager ({why})"
+            else:
+                parts.update = CompiledUpdate(parts, self.options)
+
+    def _compile_module(self, module: nn.Module) -> nn.Module:
+        compiled = torch.compile(module, fullgraph=True, **self.options)
+        self.forward = FullgraphFirst(compiled.forward,
+                                      lambda: torch.compile(module, fullgraph=False, **self.options).forward,
+                                      self._say)
+        compiled.forward = self.forward
+        return compiled
+
+    @staticmethod
+    def _update_blocker(parts: StepParts, strategy: str) -> str:
+        if parts.precision.scaler is not None:
+            return 'precision="16" steps through the grad scaler, which is not compiled'
+        if type(parts.optimizer) not in COMPILED_OPTIMIZERS:
+            return f"cadence compiles the step of Adam, AdamW and SGD, not {type(parts.optimizer).__name__}"
+        if strategy == "fsdp":
+            return "FSDP's sharded gradients are clipped and stepped eagerly"
+        return ""
+
+    def first_step_hooks(self) -> list[Callable[[Any], None]]:
+        """An ``on_step_end`` hook reporting, once per ``fit()``, how long the first (compiling) step took."""
+        if not self.enabled:
+            return []
+        start, done = time.perf_counter(), []
+
+        def report(trainer: Any) -> None:
+            if done:
+                return
+            done.append(True)
+            seconds = time.perf_counter() - start
+            fullgraph = self.forward is None or self.forward.fullgraph
+            what = "model" if self.setting is True else "model, clip and optimizer step"
+            trainer.progress.message(f"compile: step {trainer.step} took {seconds:.1f} s, compiling the {what} "
+                                     f"(mode={self.options.get('mode', 'default')}, fullgraph={fullgraph})"
+                                     + self.update_note)
+            trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": "train",
+                           "event": "compile", "seconds": seconds, "compile": self.setting,
+                           "fullgraph": fullgraph})
+
+        return [report]
