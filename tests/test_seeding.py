@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IN, CrashAt, MLP, assert_weights_equal, make_data, trainer
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from cadence.data.seeding import item_seed, seed_generators
+from helpers import IN, MLP, CrashAt, assert_weights_equal, make_data, trainer
 
 N = 40
 MAX_STEPS = 10
@@ -130,8 +130,8 @@ def test_item_seeding_leaves_the_models_random_stream_alone():
     masks = []
     for dataset in (Augmented(), Plain()):
         model = DropoutMLP()
-        drawn = []
-        model.drop.register_forward_hook(lambda m, args, out: drawn.append((out == 0).clone()))
+        drawn: list[torch.Tensor] = []
+        model.drop.register_forward_hook(lambda m, args, out, drawn=drawn: drawn.append((out == 0).clone()))
         trainer(model, dataset, batch_size=4, max_steps=3).fit()
         masks.append(drawn)
     assert all(torch.equal(a, b) for a, b in zip(*masks))

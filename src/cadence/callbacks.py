@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-EVENTS = ("on_fit_start", "on_step_end", "on_log", "on_validation_end", "on_fit_end")
+EVENTS = ("on_fit_start", "on_epoch_start", "on_step_end", "on_log", "on_validation_start", "on_validation_end",
+          "on_fit_end")
 
 
 class Callback:
@@ -21,14 +22,20 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first step (after a resume has restored the state)."""
 
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Before the first step of each epoch (not for an epoch a resume lands in the middle of)."""
+
     def on_step_end(self, trainer: Trainer) -> None:
         """After each optimizer step; ``trainer.step`` counts it. Keep it cheap: it runs every step."""
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """At each log point, with the record written to ``metrics.jsonl`` (train or val)."""
 
+    def on_validation_start(self, trainer: Trainer) -> None:
+        """Before each evaluation pass (``validate()``, ``validate(data)``, ``test(data)``)."""
+
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        """After each validation, with the averaged metrics (``val/loss``, ``val/<part>``...)."""
+        """After each evaluation pass, with its averaged metrics (``val/loss``, ``val/<part>``, ``test/loss``...)."""
 
     def on_fit_end(self, trainer: Trainer) -> None:
         """After the last step, once the final weights are in the model."""

@@ -36,12 +36,15 @@ class History(list):
 
 
 class Metrics(dict):
-    """Validation metrics keyed ``val/<name>``; a bare name (``metrics["loss"]``) finds ``val/<name>`` too."""
+    """Validation metrics keyed ``val/<name>`` (``test/<name>`` from ``test()``: ``split``); a bare name
+    (``metrics["loss"]``) finds ``<split>/<name>`` too."""
+
+    split = "val"
 
     def __missing__(self, key: str) -> float:
-        if isinstance(key, str) and not key.startswith("val/") and f"val/{key}" in self:
-            return self[f"val/{key}"]
+        if isinstance(key, str) and not key.startswith(f"{self.split}/") and f"{self.split}/{key}" in self:
+            return self[f"{self.split}/{key}"]
         raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return super().__contains__(key) or (isinstance(key, str) and super().__contains__(f"val/{key}"))
+        return super().__contains__(key) or (isinstance(key, str) and super().__contains__(f"{self.split}/{key}"))

@@ -8,7 +8,8 @@ from the running means, read once per log point; each epoch that ended since the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from .history import History
 from .loggers.build import build_loggers
+from .loggers.jsonl import JsonlLogger
 from .metrics import StepMeans
 from .rundir import records_until
 
@@ -88,6 +90,19 @@ class Records:
         self.history.append(record)
         for logger in self.loggers:
             logger.log(record)
+
+    @contextmanager
+    def outside_fit(self, run_dir: Path | None) -> Iterator[None]:
+        """Records emitted while no loggers are open (a ``validate()``/``test()`` before or after ``fit()``)
+        are appended to ``run_dir/metrics.jsonl`` (``None``: history only); trackers are not reopened."""
+        if self.loggers or run_dir is None:
+            yield
+            return
+        self.loggers = [JsonlLogger(run_dir / "metrics.jsonl")]
+        try:
+            yield
+        finally:
+            self.close()
 
     def close(self) -> None:
         for logger in self.loggers:

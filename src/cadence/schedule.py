@@ -1,15 +1,19 @@
 """Learning-rate schedules as pure functions of the optimizer step.
 
 A schedule never holds state: the rate of step ``s`` (0-based, the step about to be taken) is computed from
-``s`` alone, so resuming from a checkpoint needs nothing but the step number.
+``s`` alone, so resuming from a checkpoint needs nothing but the step number. The one exception is
+``"plateau"`` (:mod:`cadence.plateau`), which follows the validations; its state is in every checkpoint.
 
 - warm-up: for ``s < warmup_steps`` the rate rises linearly from ``warmup_start_lr`` (at ``s = 0``) towards
   ``lr`` (reached at ``s = warmup_steps``);
 - then, with ``p = (s - warmup_steps) / (max_steps - warmup_steps)``:
   ``"constant"``: ``lr``; ``"linear"``: ``lr + (min_lr - lr) * p``;
   ``"cosine"``: ``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2``;
-  ``"multistep"``: ``lr * gamma ** (number of milestones <= s)``;
-  a callable ``f``: ``lr * f(s)``.
+  ``"multistep"``: ``lr * gamma ** (number of milestones <= s)``; ``"exponential"``: ``lr * gamma ** s``;
+  a callable ``f``: ``lr * f(s)``; ``"plateau"``: the rate the :class:`~cadence.plateau.Plateau` holds.
+- with ``unit="epoch"``, ``"multistep"``, ``"exponential"`` and a callable take the epoch ``s // steps_per_epoch``
+  instead of ``s`` (milestones count epochs): torch's ``MultiStepLR``/``StepLR``/``ExponentialLR``/``LambdaLR``
+  stepped once per epoch. Warm-up still counts steps.
 """
 
 from __future__ import annotations
@@ -19,8 +23,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import bad
+from .plateau import Plateau
 
-SCHEDULES = ("constant", "linear", "cosine", "multistep")
+SCHEDULES = ("constant", "linear", "cosine", "multistep", "exponential", "plateau")
+UNITS = ("step", "epoch")
+
+
+def check_warmup(warmup_steps: int, max_steps: int | None) -> None:
+    """The one rule for ``warmup_steps``: a whole number of steps >= 0, no longer than the run when its length
+    ``max_steps`` is known (given, or counted from ``max_epochs`` or the stages)."""
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise bad("warmup_steps", warmup_steps, "use 0 (no warm-up) or a positive number of steps.")
+    if max_steps is not None and warmup_steps > max_steps:
+        raise bad("warmup_steps", warmup_steps, f"the run is only {max_steps} steps long (max_steps={max_steps}); "
+                  "lower warmup_steps or lengthen the run.")
 
 
 @dataclass(frozen=True)
@@ -35,15 +51,14 @@ class Schedule:
     min_lr: float = 0.0
     milestones: Sequence[int] = ()
     gamma: float = 0.1
+    unit: str = "step"
+    steps_per_epoch: int | None = None
+    plateau: Plateau | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.name) and self.name not in SCHEDULES:
             raise bad("schedule", self.name, f"use one of {', '.join(SCHEDULES)}, or a callable step -> factor.")
-        if self.warmup_steps < 0:
-            raise bad("warmup_steps", self.warmup_steps, "use 0 (no warm-up) or a positive number of steps.")
-        if self.max_steps is not None and self.warmup_steps > self.max_steps:
-            raise bad("warmup_steps", self.warmup_steps,
-                      f"it is longer than max_steps={self.max_steps}; lower warmup_steps or raise max_steps.")
+        check_warmup(self.warmup_steps, self.max_steps)
         if self.name in ("linear", "cosine") and self.max_steps is None:
             raise bad("schedule", self.name,
                       "a decaying schedule needs to know the run's length; set max_steps or max_epochs.")
@@ -53,18 +68,39 @@ class Schedule:
             raise bad("milestones", self.milestones, "schedule='multistep' needs at least one milestone step.")
         if list(self.milestones) != sorted(self.milestones):
             raise bad("milestones", self.milestones, "list the milestone steps in increasing order.")
+        self._check_unit_and_plateau()
+
+    def _check_unit_and_plateau(self) -> None:
+        if self.unit not in UNITS:
+            raise bad("schedule_unit", self.unit, 'use "step" (the default) or "epoch".')
+        if self.unit == "epoch" and (self.name in ("linear", "cosine", "plateau")):
+            raise bad("schedule_unit", self.unit, f"schedule={self.name!r} does not count epochs; per-epoch "
+                      "units apply to multistep, exponential and a callable; leave schedule_unit='step'.")
+        if self.unit == "epoch" and not self.steps_per_epoch:
+            raise bad("schedule_unit", self.unit, "the training data has no known epoch length (an iterable "
+                      "without len(), or several sources); use schedule_unit='step'.")
+        if self.plateau is not None and self.name != "plateau":
+            raise bad("plateau", self.plateau, f"it configures schedule='plateau', and schedule={self.name!r}; "
+                      "pass schedule='plateau' too, or leave plateau out.")
+        if self.name == "plateau" and self.plateau is None:
+            object.__setattr__(self, "plateau", Plateau())  # ReduceLROnPlateau's defaults
 
     def __call__(self, step: int) -> float:
         """The learning rate for optimizer step ``step`` (0-based)."""
         if step < self.warmup_steps:
             return self.warmup_start_lr + (self.lr - self.warmup_start_lr) * step / self.warmup_steps
+        at = step // self.steps_per_epoch if self.unit == "epoch" else step
         if callable(self.name):
-            return self.lr * float(self.name(step))
+            return self.lr * float(self.name(at))
         if self.name == "constant":
             return self.lr
+        if self.name == "plateau":
+            return self.plateau.rate(self.lr)
         if self.name == "multistep":
-            passed = sum(1 for m in self.milestones if m <= step)
+            passed = sum(1 for m in self.milestones if m <= at)
             return self.lr * self.gamma**passed
+        if self.name == "exponential":
+            return self.lr * self.gamma**at
         span = max(self.max_steps - self.warmup_steps, 1)
         p = min((step - self.warmup_steps) / span, 1.0)
         if self.name == "linear":

@@ -6,7 +6,8 @@ Three kinds of data, one interface (:class:`StepStream`):
   indexing the tensors with the order contract's index slices; no ``__getitem__`` per item, no collation;
 - **map-style dataset**: a ``DataLoader`` driven by a batch sampler that follows the order contract and can
   start at any ``(epoch, step)`` (so resuming costs no replay);
-- **a ``DataLoader`` or iterable passed in**: used as is, ``grad_accum`` consecutive batches per step.
+- **a ``DataLoader`` or iterable passed in** (or an ``IterableDataset``, batched first): used as is,
+  ``grad_accum`` consecutive batches per step (``streaming.py``: resumed through its state, or replayed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from ..errors import bad
+from .hf import torch_format
 from .order import DataOrder
 from .seeding import SeededItems
 
@@ -90,9 +92,12 @@ def as_in_memory(data: Any) -> InMemory | None:
 
 
 def is_map_style(data: Any) -> bool:
-    return (isinstance(data, Dataset) and not isinstance(data, IterableDataset)
-            and hasattr(data, "__len__")) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
-                                              and not isinstance(data, (str, bytes, Mapping, DataLoader)))
+    """Indexable with a length; an ``IterableDataset`` is not, even with ``__len__`` (it is streamed)."""
+    if isinstance(data, IterableDataset):
+        return False
+    return (isinstance(data, Dataset) and hasattr(data, "__len__")) or (
+        hasattr(data, "__getitem__") and hasattr(data, "__len__")
+        and not isinstance(data, (str, bytes, Mapping, DataLoader)))
 
 
 def batch_size_of(batch: Any) -> int:
@@ -288,19 +293,16 @@ def stream_map_style(data: Dataset, order: DataOrder, collate_fn: Callable | Non
                       on_close=shut_down_workers if num_workers > 0 else None)
 
 
-def stream_loader(loader: Iterable, grad_accum: int) -> StepStream:
-    try:
-        steps = -(-len(loader) // grad_accum)  # type: ignore[arg-type]
-    except TypeError:
-        steps = None
-    return StepStream(lambda epoch, start: iter(loader), grad_accum, steps, exact_position=False)
-
-
 def eval_batches(data: Any, batch_size: int, collate_fn: Callable | None, num_workers: int,
                  pin_memory: bool, rank: int = 0, world_size: int = 1) -> Iterable[Any]:
     """Validation batches in dataset order; with several processes, rank ``r`` takes piece ``r`` of
-    ``torch.tensor_split(range(N), world_size)``."""
+    ``torch.tensor_split(range(N), world_size)``. An ``IterableDataset`` is batched in its own order (and
+    split between ranks only by itself, as in training)."""
+    data = torch_format(data)
     mem = as_in_memory(data)
+    if isinstance(data, IterableDataset):
+        return DataLoader(data, batch_size=batch_size, collate_fn=collate_fn or default_collate,
+                          generator=torch.Generator(), num_workers=num_workers, pin_memory=pin_memory)
     if isinstance(data, DataLoader) or (mem is None and not is_map_style(data)):
         return data
     index = torch.tensor_split(torch.arange(len(mem if mem is not None else data)), world_size)[rank]

@@ -3,8 +3,9 @@
 With one source a step is that source's micro-batches. With several (tf-bind's positives, negatives and
 scoped negatives), ``mix="each"`` takes one step's worth of micro-batches from every source and the losses
 are summed with ``source_weights``; ``mix="sample"`` takes the whole step from one source, picked by weight
-with a generator seeded by ``(seed, step)``, so the choice is a pure function of the step and resumes exactly.
-Each source keeps its own epoch and position; the run's epoch is the first source's.
+with a generator seeded by ``(seed, step)``, so the choice is a pure function of the step and resumes exactly;
+``mix="concat"`` joins every source's micro-batch ``m`` into one batch, for one forward (tf-bind's
+``collate_dl_outputs``). Each source keeps its own epoch and position; the run's epoch is the first source's.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import bad
+from .join import join_batches
 from .loading import StepStream
 
-MIXES = ("each", "sample")
+MIXES = ("each", "sample", "concat")
 
 
 class Draw(NamedTuple):
@@ -39,6 +41,9 @@ class Sources:
         self.names = list(self.streams)
         self.mix, self.seed = mix, seed
         weights = dict(weights or {})
+        if mix == "concat" and weights:
+            raise bad("source_weights", weights, "with mix='concat' the sources share one forward and one loss, "
+                      "so they cannot be weighted; weight items in the model, or use mix='each'.")
         unknown = set(weights) - set(self.names)
         if unknown:
             raise bad("source_weights", weights, f"{sorted(unknown)} are not sources; the sources are {self.names}.")
@@ -73,9 +78,21 @@ class Sources:
             return [self._draw(None, 1.0)]
         if self.mix == "each":
             return [self._draw(n, self.weights[n]) for n in self.names]
+        if self.mix == "concat":
+            return [self._concat()]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
         name = self.names[int(torch.multinomial(self._probs, 1, generator=gen)[0])]
         return [self._draw(name, 1.0)]
+
+    def _concat(self) -> Draw:
+        """Micro-batch ``m`` of every source (that has one this step) joined into one, in source order."""
+        draws = [self._draw(n, 1.0) for n in self.names]
+        micro = []
+        for m in range(max(len(d.micro_batches) for d in draws)):
+            have = [d for d in draws if m < len(d.micro_batches)]
+            micro.append(join_batches([d.micro_batches[m] for d in have], [str(d.source) for d in have]))
+        totals = [d.total for d in draws]
+        return Draw(None, 1.0, micro, None if None in totals else sum(totals))
 
     def _draw(self, name: str | None, weight: float) -> Draw:
         stream = self.streams[name]
