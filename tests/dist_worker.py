@@ -1,7 +1,8 @@
 """A training script run under torchrun (or alone) by tests/test_distributed.py.
 
 usage: dist_worker.py OUT_DIR [--strategy S] [--grad-accum N] [--steps N] [--checkpoint-every N] [--resume]
-                              [--crash-at-step N --crash-rank R] [--nan-at-step N] [--signal-at-step N --signal-rank R] [--augment]
+                              [--crash-at-step N --crash-rank R] [--nan-at-step N] [--signal-at-step N --signal-rank R]
+                              [--augment]
 Writes OUT_DIR/weights-rank{R}.safetensors with the final weights of each rank.
 """
 

@@ -146,6 +146,8 @@ def run_fork(name: str, args: list[str]) -> int:
         return main(args)
     except SystemExit as stop:  # cadence's exit after a stop signal: 128 + the signal number
         return stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:  # SIGINT, after its checkpoint: exit 130 as cadence fit does
+        return 130
     except BaseException:
         traceback.print_exc()
         return 1

@@ -168,5 +168,9 @@ def test_a_last_batch_of_one_item_still_gets_its_mask():
         def forward(self, clips: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             return super().forward(clips, labels, mask)
 
-    Trainer(NeedsMask(), Clips(LENGTHS[:9]), collate_fn=pad_collate, batch_size=4, max_steps=3, device="cpu",
+    model = NeedsMask()
+    Trainer(model, Clips(LENGTHS[:9]), collate_fn=pad_collate, batch_size=4, max_steps=3, device="cpu",
             progress=False).fit()
+    assert [len(clips) for clips, _, _ in model.batches] == [4, 4, 1]
+    clips, _, mask = model.batches[-1]
+    assert mask.dtype == torch.bool and mask.shape == clips.shape and mask.all()

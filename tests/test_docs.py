@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# the examples' models are tiny: one thread each
+pytestmark = pytest.mark.usefixtures("one_thread")
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Blocks that show a signature with placeholder names rather than a runnable program.
 SIGNATURE_ONLY = re.compile(r"Trainer\(model, train_data")
@@ -24,11 +26,16 @@ def blocks(language: str) -> list[tuple[str, int, str]]:
     return found
 
 
+OPTIONAL = ("transformers", "datasets", "torchdata")
 PYTHON = [b for b in blocks("python") if not SIGNATURE_ONLY.search(b[2])]
 
 
 @pytest.mark.parametrize("name,line,code", PYTHON, ids=[f"{n}:{ln}" for n, ln, _ in PYTHON])
 def test_python_example_runs(name: str, line: int, code: str, tmp_path: Path, monkeypatch) -> None:
+    for package in OPTIONAL:  # an example of an optional integration runs where its package is installed
+        if re.search(rf"^(from|import) {package}\b", code, re.M):
+            pytest.importorskip(package)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # examples never download
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{name}:{line}", "exec"), {"__name__": "__docs__"})
 
@@ -42,7 +49,7 @@ def test_yaml_example_is_a_config(name: str, line: int, code: str, tmp_path: Pat
     from cadence.cli.main import root_parser
 
     config = yaml.safe_load(code)
-    assert set(config) <= {"model", "data", "val_data", "trainer"}
+    assert set(config) <= {"model", "data", "val_data", "test_data", "trainer"}
     path = tmp_path / "config.yaml"
     path.write_text(code)
     cfg = root_parser().parse_args(["fit", "--config", str(path)])

@@ -16,4 +16,7 @@ def test_import_cadence_loads_no_cli_library_or_tracker() -> None:
 def test_public_names() -> None:
     import cadence
 
-    assert set(cadence.__all__) >= {"Trainer", "EMA", "EarlyStopping", "Stage", "Callback", "ConfigError"}
+    # the exact list: a new public name is a deliberate change of this test
+    assert sorted(cadence.__all__) == ["Callback", "ConfigError", "EMA", "EarlyStopping", "Plateau", "Stage",
+                                       "Trainer", "load_weights"]
+    assert all(hasattr(cadence, name) for name in cadence.__all__)

@@ -18,6 +18,7 @@ from helpers import MLP, make_data, trainer
 from test_runs import fake_run
 
 pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BLUE, ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # the first two runs' colours

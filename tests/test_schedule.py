@@ -54,36 +54,40 @@ CASE_IDS = ["constant", "linear_min_lr", "linear_to_zero", "cosine_min_lr", "cos
 
 
 @pytest.mark.parametrize("warmup", [0, 4], ids=["no_warmup", "warmup"])
-@pytest.mark.parametrize("grad_accum", [1, 3], ids=["accum1", "accum3"])
 @pytest.mark.parametrize("name,extra", CASES, ids=CASE_IDS)
-def test_rate_at_every_step_is_the_closed_form(name, extra, warmup, grad_accum):
+def test_rate_at_every_step_is_the_closed_form(name, extra, warmup):
+    """The pure function of the step against the closed form written from the docstring: no training needed."""
     steps = 16
-    events = Events()
-    t = trainer(MLP(), make_data(40), batch_size=4, grad_accum=grad_accum, max_steps=steps, optimizer="sgd",
-                lr=LR, schedule=name, warmup_steps=warmup, warmup_start_lr=START if warmup else 0.0,
-                log_every=5, callbacks=[events], **extra)
-    t.fit()
-    expected = [closed_form(s, name=name, lr=LR, warmup_steps=warmup, warmup_start_lr=START if warmup else 0.0,
-                            max_steps=steps, **extra) for s in range(steps)]
-    # one rate per optimizer step (never per micro-step), the same in every parameter group
-    assert len(events.lrs) == steps
-    for s, (group_lrs, want) in enumerate(zip(events.lrs, expected)):
-        assert all(g == pytest.approx(want, rel=1e-12, abs=1e-15) for g in group_lrs), (s, group_lrs, want)
+    kw = dict(warmup_steps=warmup, warmup_start_lr=START if warmup else 0.0, max_steps=steps, **extra)
+    sched = Schedule(LR, name, **kw)
+    expected = [closed_form(s, name=name, lr=LR, **kw) for s in range(steps)]
+    assert [sched(s) for s in range(steps)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
     # the schedule really changes the rate (except the constant one), so the comparison is not vacuous
     if name != "constant" or warmup:
         assert len({round(v, 12) for v in expected}) > 1
-    # the logged lr at a log point is the rate of the step just taken
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3], ids=["accum1", "accum3"])
+def test_a_run_takes_the_schedules_rate_once_per_optimizer_step(grad_accum):
+    """End to end: the rate of every optimizer step (never per micro-step) is the schedule's, the same in every
+    parameter group, and the lr logged at a log point is the rate of the step just taken."""
+    steps, kw = 16, dict(warmup_steps=4, warmup_start_lr=START, min_lr=MIN_LR)
+    events = Events()
+    t = trainer(MLP(), make_data(40), batch_size=4, grad_accum=grad_accum, max_steps=steps, optimizer="sgd",
+                lr=LR, schedule="cosine", log_every=5, callbacks=[events], **kw)
+    t.fit()
+    expected = [closed_form(s, name="cosine", lr=LR, max_steps=steps, **kw) for s in range(steps)]
+    assert len(events.lrs) == steps
+    for s, (group_lrs, want) in enumerate(zip(events.lrs, expected)):
+        assert all(g == pytest.approx(want, rel=1e-12, abs=1e-15) for g in group_lrs), (s, group_lrs, want)
     logged = [(r["step"], r["lr"]) for r in t.history if r["split"] == "train"]
-    assert [s for s, _ in logged] == [5, 10, 15, 16]
+    assert [s for s, _ in logged] == [1, 5, 10, 15, 16]  # step 1 is a log point too
     for step, lr in logged:
         assert lr == pytest.approx(expected[step - 1], rel=1e-12, abs=1e-15)
 
 
 def test_warmup_starts_at_warmup_start_lr_and_reaches_lr():
-    events = Events()
-    trainer(MLP(), make_data(40), batch_size=4, max_steps=8, optimizer="sgd", lr=LR, warmup_steps=4,
-            warmup_start_lr=START, callbacks=[events]).fit()
-    lrs = [g[0] for g in events.lrs]
+    lrs = [Schedule(LR, warmup_steps=4, warmup_start_lr=START, max_steps=8)(s) for s in range(8)]
     assert lrs[0] == pytest.approx(START)
     assert lrs[4] == pytest.approx(LR)
     assert lrs[:5] == pytest.approx([START + (LR - START) * s / 4 for s in range(5)])
@@ -161,14 +165,6 @@ def test_schedule_unit_values():
     assert calls == [2, 3, 4]  # the callable is not consulted during warm-up, and gets the absolute step
 
 
-@pytest.mark.parametrize("name,extra", CASES, ids=CASE_IDS)
-def test_schedule_matches_closed_form_everywhere(name, extra):
-    kw = dict(warmup_steps=3, warmup_start_lr=START, max_steps=20, **extra)
-    sched = Schedule(LR, name, **kw)
-    for s in range(20):
-        assert sched(s) == pytest.approx(closed_form(s, name=name, lr=LR, **kw), rel=1e-12, abs=1e-15)
-
-
 def test_schedule_is_stateless_and_frozen():
     sched = Schedule(1.0, "cosine", max_steps=10)
     forward = [sched(s) for s in range(10)]
@@ -192,6 +188,69 @@ def test_schedule_is_stateless_and_frozen():
     ],
 )
 def test_schedule_bad_arguments(kwargs, pieces):
+    with pytest.raises(ConfigError) as info:
+        Schedule(1.0, **kwargs)
+    for piece in pieces:
+        assert piece in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- per-epoch units
+def torch_epoch_rates(make, epochs: int, steps_per_epoch: int, lr: float = LR) -> list[float]:
+    """The rate of every step when torch's scheduler ``make(opt)`` is stepped once per epoch."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = make(opt)
+    rates = []
+    for _ in range(epochs):
+        rates += [opt.param_groups[0]["lr"]] * steps_per_epoch
+        opt.step()
+        sched.step()
+    return rates
+
+
+EPOCH_CASES = [
+    ("multistep", {"milestones": (2, 4), "gamma": 0.5},
+     lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4], gamma=0.5)),
+    ("exponential", {"gamma": 0.7}, lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)),
+    ("exponential", {"gamma": 0.9}, lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)),
+    (lambda e: 0.3 ** (e // 2), {}, lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3)),
+]
+
+
+@pytest.mark.parametrize("name,extra,make", EPOCH_CASES, ids=["multistep", "steplr", "exponential", "callable"])
+def test_epoch_unit_equals_torch_schedulers_stepped_per_epoch(name, extra, make):
+    sched = Schedule(LR, name, unit="epoch", steps_per_epoch=3, **extra)
+    expected = torch_epoch_rates(make, epochs=7, steps_per_epoch=3)
+    assert [sched(s) for s in range(21)] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert len(set(expected)) > 2
+
+
+def test_exponential_per_step_and_warmup_before_epoch_units():
+    exp = Schedule(2.0, "exponential", gamma=0.5)
+    assert [exp(s) for s in range(4)] == [2.0, 1.0, 0.5, 0.25]
+    # warm-up counts steps; after it, the milestones count epochs of 4 steps
+    warm = Schedule(1.0, "multistep", warmup_steps=2, milestones=(1, 3), gamma=0.1, unit="epoch", steps_per_epoch=4)
+    assert [warm(s) for s in range(14)] == pytest.approx([0.0, 0.5, 1.0, 1.0] + [0.1] * 8 + [0.01] * 2)
+
+
+def test_epoch_unit_in_a_run_is_steplr_per_epoch():
+    events = Events()
+    # 40 items, batch 8: 5 steps per epoch; StepLR(step_size=1, gamma=0.5) stepped at each epoch end
+    trainer(MLP(), make_data(40), batch_size=8, max_epochs=4, optimizer="sgd", lr=LR, schedule="exponential",
+            gamma=0.5, schedule_unit="epoch", callbacks=[events]).fit()
+    expected = torch_epoch_rates(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5), 4, 5)
+    assert [g[0] for g in events.lrs] == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pieces",
+    [
+        ({"unit": "day"}, ["schedule_unit='day'", "epoch"]),
+        ({"name": "cosine", "max_steps": 10, "unit": "epoch", "steps_per_epoch": 2}, ["schedule_unit='epoch'"]),
+        ({"name": "multistep", "milestones": (1,), "unit": "epoch"}, ["schedule_unit='epoch'", "no known epoch"]),
+        ({"name": "constant", "plateau": "x"}, ["plateau='x'", "schedule='plateau'"]),
+    ],
+)
+def test_unit_and_plateau_bad_arguments(kwargs, pieces):
     with pytest.raises(ConfigError) as info:
         Schedule(1.0, **kwargs)
     for piece in pieces:

@@ -14,7 +14,7 @@ from helpers import MLP, SumMLP, make_data, trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS, LOG_EVERY = 200, 50
-LOG_POINTS = STEPS // LOG_EVERY  # 4
+LOG_POINTS = STEPS // LOG_EVERY + 1  # 5: step 1, then every LOG_EVERY steps
 SLACK = 3
 TORCH_OPTIM = os.path.join(os.path.dirname(torch.__file__), "optim") + os.sep
 
@@ -105,6 +105,8 @@ def test_log_points_read_the_device_means(monkeypatch):
 
     t, _ = counted_fit(monkeypatch, Recording(), make_data(64), batch_size=8, optimizer="sgd", lr=0.05)
     logged = t.history["train/loss"]
+    bounds = [0, 1, *range(LOG_EVERY, STEPS + 1, LOG_EVERY)]  # step 1 alone, then windows of LOG_EVERY steps
+    assert len(logged) == len(bounds) - 1
     for k, value in enumerate(logged):
-        window = torch.stack(losses[k * LOG_EVERY:(k + 1) * LOG_EVERY])
+        window = torch.stack(losses[bounds[k]:bounds[k + 1]])
         assert value == pytest.approx(window.mean().item(), rel=1e-5)

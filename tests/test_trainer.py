@@ -40,9 +40,9 @@ def test_fit_trains_the_model_passed_in_and_returns_the_history():
     assert t.model is model
     assert_weights_changed(initial, model)
     assert history is t.history
-    assert [r["step"] for r in history if r["split"] == "train"] == [4, 8, 12]
+    assert [r["step"] for r in history if r["split"] == "train"] == [1, 4, 8, 12]  # step 1: output at once
     assert history["train/loss"] == [r["loss"] for r in history if r["split"] == "train"]
-    assert history["lr"] == pytest.approx([1e-2] * 3)
+    assert history["lr"] == pytest.approx([1e-2] * 4)
     assert history.last("train") is history[-1]
     assert history.last("val") is None
     assert model.training
@@ -83,7 +83,7 @@ def test_validation_at_each_epoch_end_by_default():
     assert len(t.history["val/loss"]) == 3
     # the running train losses are logged just before each validation
     assert [(r["step"], r["split"]) for r in t.history if r["split"] != "train_epoch"] == [
-        (3, "train"), (3, "val"), (6, "train"), (6, "val"),
+        (1, "train"), (3, "train"), (3, "val"), (6, "train"), (6, "val"),
         (9, "train"), (9, "val")]
     assert [r["epoch"] for r in t.history if r["split"] == "val"] == [0, 1, 2]
 
@@ -272,7 +272,7 @@ def test_run_dir_writes_metrics_and_final_weights(tmp_path):
     assert records == json.loads(json.dumps(list(t.history)))  # one line per log point, as in the history
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
-    assert [r["step"] for r in train] == [2, 4, 6, 8, 9]  # every log point (4 and 8 are epoch ends too)
+    assert [r["step"] for r in train] == [1, 2, 4, 6, 8, 9]  # step 1, every log point (4 and 8 end epochs)
     assert [r["step"] for r in val] == [4, 8, 9]  # epoch ends (4 steps each) and the end of the run
     for r in train:
         assert TRAIN_KEYS <= set(r)
@@ -281,7 +281,7 @@ def test_run_dir_writes_metrics_and_final_weights(tmp_path):
         assert r["lr"] == pytest.approx(1e-3)
         assert r["samples_per_s"] > 0 and r["elapsed_s"] >= 0
     assert len(t.history["train/grad_norm"]) == len(train)  # clipping logs the norm
-    assert [r["epoch"] for r in train] == [0, 0, 1, 1, 2]
+    assert [r["epoch"] for r in train] == [0, 0, 0, 1, 1, 2]
     for r in val:
         assert {"step", "epoch", "split", "loss", "parts"} <= set(r)
 
@@ -388,7 +388,7 @@ def test_should_stop_from_on_step_end(stop_at):
     assert t.step == stop_at
     assert events.steps_of("on_step_end") == list(range(1, stop_at + 1))
     assert events.steps_of("on_fit_end") == [stop_at]
-    assert [r["step"] for r in t.history] == [stop_at]  # the partial window is still logged
+    assert [r["step"] for r in t.history] == sorted({1, stop_at})  # step 1, then the partial window
 
 
 def test_should_stop_from_on_fit_start_trains_nothing():
@@ -588,5 +588,35 @@ def test_progress_false_prints_nothing(capsys):
 def test_progress_prints_a_line_per_log_point_when_not_a_terminal(capsys):
     trainer(MLP(), make_data(20), batch_size=4, max_steps=6, log_every=2, progress=True).fit()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert [line.split()[1] for line in lines] == ["1/6", "2/6", "4/6", "6/6"]
     assert all("loss=" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------- val_at_start
+def test_val_at_start_validates_the_untrained_model_at_step_0():
+    x, y = make_data(20)
+    val = make_data(10, seed=1)
+    model = MLP(seed=3)
+    expected = trainer(clone(model), (x, y), val_data=val, max_steps=1).validate()["val/loss"]
+    t = trainer(model, (x, y), val_data=val, batch_size=8, max_steps=4, val_every=2, val_at_start=True)
+    t.fit()
+    checks = [r for r in t.history if r["split"] == "val"]
+    assert [r["step"] for r in checks] == [0, 2, 4]
+    assert checks[0]["loss"] == expected != checks[1]["loss"]
+    plain = trainer(MLP(seed=3), (x, y), val_data=val, batch_size=8, max_steps=4, val_every=2)
+    plain.fit()
+    assert [r["step"] for r in plain.history if r["split"] == "val"] == [2, 4]  # off by default
+    with pytest.raises(ConfigError, match="val_at_start=True.*val_data"):
+        trainer(MLP(), (x, y), max_steps=2, val_at_start=True)
+
+
+def test_val_at_start_is_not_repeated_on_resume(tmp_path):
+    from cadence.runs import read_records
+
+    data, val, run = make_data(20), make_data(10, seed=1), tmp_path / "run"
+    kw = dict(val_data=val, batch_size=8, val_every=2, val_at_start=True, run_dir=run, checkpoint_every=2)
+    trainer(MLP(), data, max_steps=2, **kw).fit()
+    resumed = trainer(MLP(), data, max_steps=4, resume="auto", **kw)
+    resumed.fit()
+    assert [r["step"] for r in read_records(run) if r["split"] == "val"] == [0, 2, 4]
+    assert [r["step"] for r in resumed.history if r["split"] == "val"] == [0, 2, 4]

@@ -5,12 +5,16 @@ Each failing check raises :class:`~cadence.errors.ConfigError` naming the argume
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import bad
+from .optim import check_options
+from .schedule import check_warmup
+from .weights import unwrap_compiled
 
 
 def positive_int(name: str, value: Any, fix: str, allow_none: bool = False) -> None:
@@ -39,8 +43,7 @@ def check_basic(a: dict[str, Any]) -> None:
     positive_float("lr", a["lr"], "use a positive learning rate, e.g. 1e-3.")
     if not isinstance(a["weight_decay"], (int, float)) or a["weight_decay"] < 0:
         raise bad("weight_decay", a["weight_decay"], "use 0 (none) or a positive decay, e.g. 0.01.")
-    if not isinstance(a["warmup_steps"], int) or a["warmup_steps"] < 0:
-        raise bad("warmup_steps", a["warmup_steps"], "use 0 (no warm-up) or a positive number of steps.")
+    check_warmup(a["warmup_steps"], a["max_steps"])
     if a["warmup_start_lr"] < 0:
         raise bad("warmup_start_lr", a["warmup_start_lr"], "use a rate >= 0 for the warm-up to start from.")
     positive_float("max_grad_norm", a["max_grad_norm"], "use a positive norm, e.g. 1.0, or None to not clip.",
@@ -52,24 +55,47 @@ def check_basic(a: dict[str, Any]) -> None:
                  allow_none=True)
     if not isinstance(a["num_workers"], int) or a["num_workers"] < 0:
         raise bad("num_workers", a["num_workers"], "use 0 (load in this process) or a positive worker count.")
-    if a["valid_frac"] is not None and a["val_data"] is not None:
-        raise bad("valid_frac", a["valid_frac"], "val_data is given too; pass one or the other.")
-    if a["valid_frac"] is not None and not 0.0 < a["valid_frac"] < 1.0:
-        raise bad("valid_frac", a["valid_frac"], "use a fraction strictly between 0 and 1, e.g. 0.1.")
-    if a["split_by"] is not None and a["valid_frac"] is None:
-        raise bad("split_by", a["split_by"], "it splits off validation data by group; set valid_frac too.")
-    if a["val_every"] is not None and a["val_data"] is None and a["valid_frac"] is None:
-        raise bad("val_every", a["val_every"], "there is no validation data; pass val_data or valid_frac, "
-                  "or leave val_every as None.")
-    if a.get("early_stopping") and a["val_data"] is None and a["valid_frac"] is None:
-        raise bad("early_stopping", list(a["early_stopping"]), "it watches validation metrics, and there is no "
-                  "validation data; pass val_data or valid_frac.")
-    if a["max_steps"] is not None and a["warmup_steps"] > a["max_steps"]:
-        raise bad("warmup_steps", a["warmup_steps"],
-                  f"it is longer than max_steps={a['max_steps']}; lower warmup_steps or raise max_steps.")
     if a["on_nonfinite"] not in ("raise", "skip"):
         raise bad("on_nonfinite", a["on_nonfinite"], 'use "raise" (stop at a non-finite loss) or "skip".')
     positive_int("max_nonfinite", a["max_nonfinite"], "use a positive number of non-finite steps in a row.")
+    check_validation(a)
+    if a["ema"] is not None and not hasattr(a["ema"], "attach"):
+        raise bad("ema", a["ema"], "pass cadence.EMA(beta=...).")
+    if isinstance(a["inputs"], str):
+        raise bad("inputs", a["inputs"], f"give a list of field names, e.g. [{a['inputs']!r}].")
+    if not isinstance(a["model"], nn.Module):
+        raise bad("model", type(a["model"]).__name__, "pass a torch.nn.Module whose forward returns the loss.")
+    if a["stages"] and isinstance(a["optimizer"], torch.optim.Optimizer):
+        raise bad("optimizer", type(a["optimizer"]).__name__, "stages rebuild the optimizer for each stage; pass "
+                  "its name or a callable param_groups -> Optimizer instead of an instance.")
+    if a["profile"] is not None and a["run_dir"] is None:
+        raise bad("profile", a["profile"], "the trace is written into the run folder; pass run_dir=... too.")
+    check_plateau_and_eval(a)
+    check_calls(a)
+    check_data(a)
+    check_compile(a)
+
+
+def has_val(a: dict[str, Any]) -> bool:
+    """Whether the run has validation data: ``val_data``, or ``valid_frac`` to split it off."""
+    return a["val_data"] is not None or a["valid_frac"] is not None
+
+
+def check_validation(a: dict[str, Any]) -> None:
+    """Validation data and what needs it, early stopping, and the checkpoints' arguments."""
+    if a["valid_frac"] is not None and a["val_data"] is not None:
+        raise bad("valid_frac", a["valid_frac"], "val_data is given too; pass one or the other.")
+    if a["split_by"] is not None and a["valid_frac"] is None:
+        raise bad("split_by", a["split_by"], "it splits off validation data by group; set valid_frac too.")
+    if a["val_every"] is not None and not has_val(a):
+        raise bad("val_every", a["val_every"], "there is no validation data; pass val_data or valid_frac, "
+                  "or leave val_every as None.")
+    if a.get("early_stopping") and not has_val(a):
+        raise bad("early_stopping", list(a["early_stopping"]), "it watches validation metrics, and there is no "
+                  "validation data; pass val_data or valid_frac.")
+    if a["keep_best"] and not has_val(a):
+        raise bad("keep_best", a["keep_best"], "it keeps the checkpoint with the best validation metric, and there "
+                  "is no validation data; pass val_data or valid_frac.")
     if a["validate_on"] not in ("model", "ema", "both"):
         raise bad("validate_on", a["validate_on"], 'use "model", "ema" or "both".')
     if a["validate_on"] != "model" and a["ema"] is None:
@@ -84,17 +110,90 @@ def check_basic(a: dict[str, Any]) -> None:
         raise bad("keep_best", keep_best, 'use (metric, "min") or (metric, "max"), e.g. ("val/loss", "min").')
     positive_int("keep_last", a["keep_last"], "use a positive number of checkpoints to keep, or None for all.",
                  allow_none=True)
-    if a["ema"] is not None and not hasattr(a["ema"], "attach"):
-        raise bad("ema", a["ema"], "pass cadence.EMA(beta=...).")
-    if isinstance(a["inputs"], str):
-        raise bad("inputs", a["inputs"], f"give a list of field names, e.g. [{a['inputs']!r}].")
-    if not isinstance(a["model"], nn.Module):
-        raise bad("model", type(a["model"]).__name__, "pass a torch.nn.Module whose forward returns the loss.")
-    if a["stages"] and isinstance(a["optimizer"], torch.optim.Optimizer):
-        raise bad("optimizer", type(a["optimizer"]).__name__, "stages rebuild the optimizer for each stage; pass "
-                  "its name or a callable param_groups -> Optimizer instead of an instance.")
-    if a["profile"] is not None and a["run_dir"] is None:
-        raise bad("profile", a["profile"], "the trace is written into the run folder; pass run_dir=... too.")
+
+
+def check_compile(a: dict[str, Any]) -> None:
+    """``compile`` is False, True or "max"; ``compile_options`` are torch.compile's own keywords."""
+    if a["compile"] not in (False, True, "max") or a["compile"] in (0, 1) and not isinstance(a["compile"], bool):
+        raise bad("compile", a["compile"], 'use False, True (the model\'s forward and backward) or "max" (also the '
+                  "clip and the optimizer step).")
+    if a["compile"] and unwrap_compiled(a["model"]) is not a["model"]:
+        raise bad("compile", a["compile"], "the model is already torch.compile'd; pass the plain module and let "
+                  "compile= compile it, or leave compile=False.")
+    options = a["compile_options"]
+    if options is None:
+        return
+    known = ("mode", "dynamic", "backend", "options", "disable")
+    if not isinstance(options, Mapping) or any(k not in known for k in options):
+        raise bad("compile_options", options, f"give a mapping with some of {', '.join(known)} (torch.compile's "
+                  "keywords; cadence sets fullgraph itself), e.g. {mode: max-autotune-no-cudagraphs}.")
+    if not a["compile"]:
+        raise bad("compile_options", dict(options), "they apply only when compiling; set compile=True or \"max\".")
+
+
+def check_data(a: dict[str, Any]) -> None:
+    """How validation is split off and how items are sampled: split_mode, split_by, sampler, balance_by."""
+    from .data.labels import check_labels_spec
+    from .data.split import SPLIT_MODES, check_valid_frac, resolve_mode
+
+    if a["valid_frac"] is not None:
+        check_valid_frac(a["valid_frac"])
+    mode = a.get("split_mode")
+    if mode is not None and mode not in SPLIT_MODES:
+        raise bad("split_mode", mode, f"use one of {', '.join(SPLIT_MODES)} (default: groups with split_by, "
+                  "else random).")
+    if mode is not None and a["valid_frac"] is None:
+        raise bad("split_mode", mode, "it says how valid_frac splits the training data; set valid_frac too.")
+    check_labels_spec("split_by", a["split_by"])
+    if a["valid_frac"] is not None:
+        resolve_mode(mode, a["split_by"])
+    balance_by = a["balance_by"]
+    for value in (balance_by.values() if isinstance(balance_by, Mapping) else [balance_by]):
+        check_labels_spec("balance_by", value)
+    sampler = a["sampler"]
+    if isinstance(sampler, Mapping) and not all(isinstance(k, str) for k in sampler):
+        raise bad("sampler", dict(sampler), "give {'source': sampler} with source names as keys.")
+
+
+def check_calls(a: dict[str, Any]) -> None:
+    """How the model is called and stepped: part names, call keywords, optimizer options, clipping, validation."""
+    names = a.get("part_names")
+    if names is not None and (isinstance(names, str) or not all(isinstance(n, str) and n for n in names)
+                              or len(set(names)) != len(names)):
+        raise bad("part_names", names, "give a list of distinct names, one per entry of the model's parts tuple, "
+                  "e.g. [recon, commit].")
+    for key in ("forward_kwargs", "val_forward_kwargs"):
+        value = a.get(key)
+        if value is not None and (not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value)):
+            raise bad(key, value, "give a mapping of keyword names to values, e.g. {return_loss_breakdown: true}.")
+        if value and a.get("forward") is not None:
+            raise bad(key, dict(value), "forward=callable(model, batch) makes the call itself; pass the keywords "
+                      "inside it, or drop forward.")
+    check_options(a["optimizer"], a.get("optimizer_options"))
+    for key in ("clip_per_group", "val_at_start"):
+        if not isinstance(a.get(key, False), bool):
+            raise bad(key, a[key], "use true or false.")
+    if a.get("clip_per_group") and a["max_grad_norm"] is None:
+        raise bad("clip_per_group", True, "it clips each parameter group to max_grad_norm; set max_grad_norm too.")
+    if a.get("val_at_start") and not has_val(a):
+        raise bad("val_at_start", True, "there is no validation data; pass val_data or valid_frac.")
+
+
+def check_plateau_and_eval(a: dict[str, Any]) -> None:
+    """The plateau schedule's options, the validation batch size, fit()'s seeding switch."""
+    plateau = a.get("plateau")
+    if plateau is not None and not hasattr(plateau, "observe"):
+        raise bad("plateau", plateau, "pass cadence.Plateau(monitor=..., factor=..., patience=...).")
+    if a.get("schedule") == "plateau" and a.get("min_lr"):
+        raise bad("min_lr", a["min_lr"], "with schedule='plateau' the floor is Plateau(min_lr=...); pass "
+                  "plateau=Plateau(min_lr=...) and leave min_lr at 0.")
+    if a.get("schedule") == "plateau" and not has_val(a):
+        raise bad("schedule", "plateau", "it follows a validation metric, and there is no validation data; "
+                  "pass val_data or valid_frac.")
+    positive_int("val_batch_size", a.get("val_batch_size"), "use a positive number of items per validation "
+                 "batch, or None for batch_size.", allow_none=True)
+    if not isinstance(a.get("seed_at_fit", True), bool):
+        raise bad("seed_at_fit", a["seed_at_fit"], "use true (fit() seeds torch, numpy and random) or false.")
 
 
 def check_strategy(a: dict[str, Any], strategy: str) -> None:

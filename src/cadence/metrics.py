@@ -77,16 +77,16 @@ class StepMeans:
     def state_json(self) -> dict[str, Any]:
         return {"marks": self._marks, "epoch_sums": self._epoch_sums, "epoch_counts": self._epoch_counts}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The values since the last log point (tensors) and the epoch marks and sums (numbers)."""
+        return {**self.state_json(), "values": self.state_tensors()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_state(dict(state.get("values") or {}), state)
+
     def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any] | None) -> None:
         self._values = {n: list(t.unbind()) for n, t in tensors.items()}
         if state:
             self._marks = [(int(s), int(e), dict(lengths)) for s, e, lengths in state["marks"]]
             self._epoch_sums = dict(state["epoch_sums"])
             self._epoch_counts = {k: int(v) for k, v in state["epoch_counts"].items()}
-
-
-def read_scalars(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Several device scalars as floats with one transfer."""
-    if not values:
-        return {}
-    return dict(zip(values, torch.stack([v.float().reshape(()) for v in values.values()]).tolist()))

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import bad
 from .optim import check_globs, options_for
+from .weights import strip_compiled
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class StagePlan:
             overrides = {**dict(param_groups or {}), **dict(stage.param_groups or {})}
             check_globs(model, stage.param_groups or (), f"stages[{i}].param_groups")
             for name, _ in model.named_parameters():  # disagreeing globs are refused now, not mid-run
-                options_for(name.replace("_orig_mod.", ""), overrides)
+                options_for(strip_compiled(name), overrides)
             total += length
             self.ends.append(total)
         self.total = total
@@ -73,5 +74,5 @@ class StagePlan:
         """Set ``requires_grad`` for stage ``index``: its globs train, the rest are frozen."""
         globs = self.stages[index].trainable
         for name, p in model.named_parameters():
-            clean = name.replace("_orig_mod.", "")
+            clean = strip_compiled(name)
             p.requires_grad_(self._initial[name] if globs is None else any(fnmatch(clean, g) for g in globs))

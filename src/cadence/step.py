@@ -45,6 +45,11 @@ class StepParts:
     inputs: Sequence[str] | None = None
     loss_weights: Mapping[str, float] | None = None
     strategy: Strategy | None = None  # how ranks agree: no_sync, all-reduce (None: a single process)
+    forward_kwargs: Mapping[str, Any] | None = None  # keywords added to every model call
+    part_names: Sequence[str] | None = None  # names of a (loss, (part, ...)) tuple's entries
+    clip_per_group: bool = False  # clip each optimizer group to max_grad_norm on its own
+    # compile="max": clip + optimizer step as one compiled function (compiling.py); None: the code below
+    update: Callable[[StepParts], torch.Tensor | None] | None = None
 
 
 def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
@@ -76,8 +81,8 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
             hold = p.strategy is not None and (d, m) != last
             with p.strategy.no_sync(p.model) if hold else _NOTHING:
                 with p.precision.autocast():
-                    raw = call_model(p.model, p.move(batch), p.forward, p.inputs)
-                    out = read_output(raw, training=True, loss_weights=p.loss_weights)
+                    raw = call_model(p.model, p.move(batch), p.forward, p.inputs, p.forward_kwargs)
+                    out = read_output(raw, training=True, loss_weights=p.loss_weights, part_names=p.part_names)
                 if out.num_items is None:
                     share: Any = n * world / total  # this micro-batch's part of its source's mean
                     factor = share * source_weight
@@ -119,13 +124,13 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
         p.optimizer.zero_grad(set_to_none=True)
         return loss_sum, parts_sum, None, samples, False
 
+    if p.update is not None:  # the same clip and step, compiled (never with a grad scaler)
+        grad_norm = p.update(p)
+        p.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, parts_sum, grad_norm, samples, True
     if scaler is not None:
         scaler.unscale_(p.optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = None
-    if p.max_grad_norm is not None:
-        grad_norm = nn.utils.clip_grad_norm_(p.params, p.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm of sharded gradients is a DTensor
-            grad_norm = grad_norm.full_tensor()
+    grad_norm = clip(p)
     if scaler is not None:
         scaler.step(p.optimizer)  # skipped when the gradients hold an inf or nan
         scaler.update()
@@ -133,3 +138,26 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
         p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
     return loss_sum, parts_sum, grad_norm, samples, True
+
+
+def clip(p: StepParts) -> torch.Tensor | None:
+    """Clip the gradients to ``max_grad_norm``; returns their norm before clipping (None when not clipping).
+
+    With ``clip_per_group`` each optimizer param group is clipped on its own (as meshgpt's optimizer wrapper
+    does); the returned norm is then the norm over all groups together (the norm of the groups' norms), the
+    same value global clipping would report.
+    """
+    if p.max_grad_norm is None:
+        return None
+    if not p.clip_per_group:
+        return _full(nn.utils.clip_grad_norm_(p.params, p.max_grad_norm))
+    norms = []
+    for group in p.optimizer.param_groups:
+        if any(q.grad is not None for q in group["params"]):  # a group with no gradient has nothing to clip
+            norms.append(_full(nn.utils.clip_grad_norm_(group["params"], p.max_grad_norm)))
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """FSDP: the norm of sharded gradients is a DTensor; the whole value is what is logged."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-COMPILED_PREFIX = "_orig_mod."
+from .errors import ConfigError
+
+EXTRA_STATE = "_extra_state"  # the state_dict() key of a module's get_extra_state()
+
+
+def is_extra_key(key: str) -> bool:
+    return key == EXTRA_STATE or key.endswith(f".{EXTRA_STATE}")
+
+COMPILED = "_orig_mod"  # where torch.compile keeps the model it wraps
+
+
+def strip_compiled(name: str) -> str:
+    """A parameter, buffer or module name as the model itself names it: every ``_orig_mod`` part that
+    ``torch.compile`` adds (``_orig_mod.fc.weight``, the wrapper's own ``_orig_mod``) removed. The one place
+    this rule is written."""
+    return ".".join(part for part in name.split(".") if part != COMPILED)
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wraps, or ``model`` itself when it is not compiled."""
+    return getattr(model, COMPILED, model)
 
 
 def clean_state_dict(model: nn.Module, copy: Callable[[str, torch.Tensor], torch.Tensor] | None = None
@@ -24,7 +44,9 @@ def clean_state_dict(model: nn.Module, copy: Callable[[str, torch.Tensor], torch
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in model.state_dict().items():
-        key = key.replace(COMPILED_PREFIX, "")
+        key = strip_compiled(key)
+        if is_extra_key(key):  # a module's get_extra_state(): checkpointed apart, never a weight
+            continue
         t = copy(key, value.detach()) if copy is not None else value.detach().to("cpu")
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen or not t.is_contiguous() or t.data_ptr() != ptr:
@@ -35,11 +57,20 @@ def clean_state_dict(model: nn.Module, copy: Callable[[str, torch.Tensor], torch
     return out
 
 
-def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file whole or not at all (temporary file, then rename), with the process's umask
+    (``safetensors.save_file`` would leave it readable by its owner only)."""
+    from .rundir import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(clean_state_dict(model), str(path), metadata=metadata)
+    write_atomic(path, safetensors_bytes(tensors, metadata=metadata))
     return path
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    return write_safetensors(clean_state_dict(model), path, metadata)
 
 
 def save_final(model: nn.Module, folder: Path, ema_model: nn.Module | None = None, sharded: bool = False,
@@ -52,8 +83,8 @@ def save_final(model: nn.Module, folder: Path, ema_model: nn.Module | None = Non
         full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         if is_main:
             folder.mkdir(parents=True, exist_ok=True)
-            save_file({k.replace(COMPILED_PREFIX, ""): v.detach().to("cpu").contiguous() for k, v in full.items()},
-                      str(folder / "model.safetensors"))
+            write_safetensors({strip_compiled(k): v.detach().to("cpu").contiguous()
+                               for k, v in full.items()}, folder / "model.safetensors")
         return
     if is_main:
         save_weights(model, folder / "model.safetensors")
@@ -96,7 +127,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _strip(key: str) -> str:
-    key = key.replace(COMPILED_PREFIX, "")
+    key = strip_compiled(key)
     return key[len("module."):] if key.startswith("module.") else key
 
 
@@ -106,11 +137,27 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     Returns the model; with ``strict`` a mismatch raises an error listing the missing, unexpected and
     mis-shaped keys.
     """
-    from .checkpoint.state import load_model
-
     tensors = read_weights(path)
     if strict:
         load_model(model, tensors, str(path))
     else:
         model.load_state_dict(tensors, strict=False)
     return model
+
+
+def load_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load weights with one clear error that lists every missing, unexpected and mis-shaped key."""
+    target = unwrap_compiled(model)
+    own = {strip_compiled(k): v for k, v in target.state_dict().items()}
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = sorted(f"{k} {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(tensors) if isinstance(own[k], torch.Tensor)
+                    and isinstance(tensors[k], torch.Tensor) and tensors[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        listing = "; ".join(f"{label}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("mis-shaped", shapes)) if keys)
+        raise ConfigError(f"weights from {source!r} do not fit this model ({listing}); use the model they were "
+                          "trained with (the same class and arguments), or start a new run.")
+    target.load_state_dict(dict(tensors), strict=True)

@@ -12,27 +12,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..weights import COMPILED_PREFIX
+from ..weights import strip_compiled
 
 
 # ------------------------------------------------------------------------------------------------ model
-def load_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load weights with one clear error that lists every missing, unexpected and mis-shaped key."""
-    target = model._orig_mod if hasattr(model, "_orig_mod") else model
-    own = {k.replace(COMPILED_PREFIX, ""): v for k, v in target.state_dict().items()}
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    shapes = sorted(f"{k} {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        listing = "; ".join(f"{label}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-                            for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                                ("mis-shaped", shapes)) if keys)
-        raise ConfigError(f"weights from {source!r} do not fit this model ({listing}); use the model they were "
-                          "trained with (the same class and arguments), or start a new run.")
-    target.load_state_dict(dict(tensors), strict=True)
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a sharded (FSDP2 DTensor) tensor; a plain tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -40,7 +23,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def load_local_shards(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Copy this rank's saved shards into the model's sharded parameters and buffers, in place."""
-    own = {k.replace(COMPILED_PREFIX, ""): v for k, v in model.state_dict().items()}
+    own = {strip_compiled(k): v for k, v in model.state_dict().items()}
     wrong = sorted(set(own) ^ set(tensors)) + sorted(k for k in set(own) & set(tensors)
                                                       if local(own[k]).shape != tensors[k].shape)
     if wrong:

@@ -61,9 +61,6 @@ class Strategy:
     def barrier(self) -> None:
         pass
 
-    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [tensor]
-
 
 class DDPStrategy(Strategy):
     """DistributedDataParallel: replicated weights, gradients averaged across ranks during backward."""
@@ -95,11 +92,6 @@ class DDPStrategy(Strategy):
 
     def barrier(self) -> None:
         dist.barrier()
-
-    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(out, tensor.contiguous())
-        return out
 
 
 class FSDPStrategy(DDPStrategy):
