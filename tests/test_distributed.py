@@ -96,6 +96,12 @@ def test_fsdp_two_processes_match_one(tmp_path: Path, reference: dict) -> None:
     assert all(name in manifest for name in names if name != "manifest.json")  # the manifest covers every shard
     assert not any(p.read_bytes()[:1] == b"\x80" for p in ckpt.iterdir())  # no pickle
     assert_close(load_file(tmp_path / "run" / "final" / "model.safetensors"), reference)
+    # cadence export joins the newest checkpoint's shards (rank 0's model-shards.json says how) into whole tensors
+    from cadence.cli.main import main
+
+    out = tmp_path / "export.safetensors"
+    assert main(["export", str(tmp_path / "run"), "-o", str(out)]) == 0
+    assert_equal(load_file(out), load_file(tmp_path / "run" / "final" / "model.safetensors"))
 
 
 def test_two_node_rendezvous_on_localhost(tmp_path: Path, reference: dict) -> None:

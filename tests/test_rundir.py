@@ -62,6 +62,26 @@ def test_a_locked_folder_is_refused_naming_it_and_the_pid(tmp_path):
         holder.wait(timeout=30)
 
 
+def test_a_new_run_into_a_folder_in_training_names_the_pid_not_the_old_run(tmp_path):
+    """Without resume or overwrite, a folder that holds a run still training is refused for that reason."""
+    run = tmp_path / "run"
+    small_run(run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from cadence.rundir import RunLock; "
+         f"RunLock(Path({str(run)!r})).acquire(); print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"PID {holder.pid}") as err:
+            trainer(MLP(), make_data(32), batch_size=8, max_steps=2, run_dir=run)
+        assert "already holds a run" not in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with pytest.raises(ConfigError, match="already holds a run"):  # the holder is gone: the old run is what is left
+        trainer(MLP(), make_data(32), batch_size=8, max_steps=2, run_dir=run)
+
+
 def test_the_lock_is_held_while_fit_runs_and_released_after(tmp_path):
     run = tmp_path / "run"
     seen = []

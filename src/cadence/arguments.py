@@ -194,14 +194,3 @@ def check_plateau_and_eval(a: dict[str, Any]) -> None:
                  "batch, or None for batch_size.", allow_none=True)
     if not isinstance(a.get("seed_at_fit", True), bool):
         raise bad("seed_at_fit", a["seed_at_fit"], "use true (fit() seeds torch, numpy and random) or false.")
-
-
-def check_strategy(a: dict[str, Any], strategy: str) -> None:
-    """Features that the chosen distributed strategy cannot do yet."""
-    if strategy != "fsdp":
-        return
-    if a["stages"]:
-        raise bad("stages", "with strategy='fsdp'", "FSDP shards the parameters once; use strategy='ddp' "
-                  "for staged training.")
-    if a["ema"] is not None:
-        raise bad("ema", a["ema"], "an EMA of FSDP-sharded weights is not supported yet; use strategy='ddp'.")

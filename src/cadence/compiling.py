@@ -94,6 +94,7 @@ class Compiler:
     def __init__(self, setting: bool | str, options: Mapping[str, Any] | None, say: Callable[[str], None]) -> None:
         self.setting, self.options, self._say = setting, dict(options or {}), say
         self._compiled: nn.Module | None = None
+        self._source: nn.Module | None = None  # the module compiled last (the model, or its DDP wrapper)
         self.forward: FullgraphFirst | None = None
         self.update_note = ""
 
@@ -101,15 +102,17 @@ class Compiler:
     def enabled(self) -> bool:
         return self.setting is not False
 
-    def attach(self, parts: StepParts, strategy: str) -> None:
+    def attach(self, parts: StepParts) -> None:
         """Compile the module the step calls (again, when the strategy wrapped it anew) and, with "max", the
         clip + optimizer step (unless the optimizer or the precision cannot: then one message says so)."""
         if not self.enabled:
             return
-        if parts.model is not self._compiled:
-            self._compiled = parts.model = self._compile_module(parts.model)
+        if parts.model is not self._compiled:  # the module the step calls is new (or wrapped anew)
+            if parts.model is not self._source:
+                self._source, self._compiled = parts.model, self._compile_module(parts.model)
+            parts.model = self._compiled
         if self.setting == "max" and parts.update is None:
-            why = self._update_blocker(parts, strategy)
+            why = self._update_blocker(parts)
             if why:
                 self.update_note = f"; the clip and the optimizer step stay eager ({why})"
             else:
@@ -124,12 +127,12 @@ class Compiler:
         return compiled
 
     @staticmethod
-    def _update_blocker(parts: StepParts, strategy: str) -> str:
+    def _update_blocker(parts: StepParts) -> str:
         if parts.precision.scaler is not None:
             return 'precision="16" steps through the grad scaler, which is not compiled'
         if type(parts.optimizer) not in COMPILED_OPTIMIZERS:
             return f"cadence compiles the step of Adam, AdamW and SGD, not {type(parts.optimizer).__name__}"
-        if strategy == "fsdp":
+        if parts.strategy.sharded:
             return "FSDP's sharded gradients are clipped and stepped eagerly"
         return ""
 

@@ -18,12 +18,12 @@ class ValidationStopped(Exception):
     """A stop signal arrived during validation: the pass ended early and its partial sums are discarded."""
 
 
-def stop_check(signals: Any, strategy: Any, distributed: bool) -> tuple[Any, Any]:
+def stop_check(signals: Any, strategy: Any) -> tuple[Any, Any]:
     """``(stop, agree)`` for :func:`evaluate`: only during ``fit()`` (a test pass after a stopped fit runs whole).
-    With FSDP every forward is collective, so a pass is never cut short there (the stop comes at the next step)."""
-    if strategy.name == "fsdp" or not signals.active:
+    Where every forward is collective (FSDP), a pass is never cut short (the stop comes at the next step)."""
+    if strategy.collective_forward or not signals.active:
         return None, None
-    return signals, strategy.max_values if distributed else None
+    return signals, strategy.max_values
 
 
 @torch.no_grad()

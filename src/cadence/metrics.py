@@ -34,16 +34,16 @@ class StepMeans:
     def __bool__(self) -> bool:
         return bool(self._values) or bool(self._marks)
 
-    def read(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             world_size: int = 1) -> tuple[dict[str, float], list[tuple[int, int, dict[str, float]]]]:
+    def read(self, mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> tuple[dict[str, float], list[tuple[int, int, dict[str, float]]]]:
         """The means since the last read, and ``(step, epoch, means)`` of every epoch that ended since.
 
-        With ``all_reduce`` (several processes), every value is first averaged over the ranks.
+        With ``mean`` (the strategy's mean over the ranks), every value is first averaged over the ranks.
         """
         names = [n for n, v in self._values.items() if v]
         flat_t = torch.cat([torch.stack(self._values[n]).float().reshape(-1) for n in names]) if names else None
-        if flat_t is not None and all_reduce is not None:
-            flat_t = all_reduce(flat_t) / world_size
+        if flat_t is not None and mean is not None:
+            flat_t = mean(flat_t)
         flat = flat_t.tolist() if flat_t is not None else []
         host: dict[str, list[float]] = {}
         start = 0

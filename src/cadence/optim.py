@@ -180,3 +180,18 @@ def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             if p in old.state:
                 new.state[p] = old.state[p]
+
+
+def trained_params(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[torch.Tensor]:
+    """The tensors ``optimizer`` trains in the model's order (as a hand-written
+    ``clip_grad_norm_(model.parameters())`` sums the norms), then any it trains besides the model's."""
+    trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    ids, in_model = {id(p) for p in trained}, {id(p) for p in model.parameters()}
+    return [p for p in model.parameters() if id(p) in ids] + [p for p in trained if id(p) not in in_model]
+
+
+def set_rates(optimizer: torch.optim.Optimizer, base_lrs: list[float], rate: float, peak: float) -> None:
+    """The schedule's ``rate`` for each group: a group at cadence's ``lr`` (``peak``) gets it as it is; a group
+    with its own starting rate gets that rate scaled alike."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = rate if base == peak else base * (rate / peak)

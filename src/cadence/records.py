@@ -57,13 +57,12 @@ class Records:
             self.running.add(GRAD_NORM, grad_norm)
 
     def log_train(self, step: int, epoch: int, lr: float,
-                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  world_size: int = 1) -> list[dict[str, Any]]:
+                  mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[dict[str, Any]]:
         """Read the running means (one transfer): the summary of each epoch that ended, then the training record
         of this log point (none when no step ran since the last one). The caller emits them."""
         if not self.running:
             return []
-        values, epochs = self.running.read(all_reduce, world_size)
+        values, epochs = self.running.read(mean)
         out = []
         for end_step, end_epoch, means in epochs:
             means.pop(GRAD_NORM, None)

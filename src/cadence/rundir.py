@@ -103,6 +103,10 @@ def check_run_dir(run_dir: Path, overwrite: bool, fresh: bool = True, name: str 
 
 def refuse_existing_run(run_dir: Path, name: str = "run_dir") -> None:
     found = run_contents(run_dir)
+    holder = lock_holder(run_dir) if found else None
+    if holder is not None and holder != str(os.getpid()):  # the run there is still training: that is the news
+        raise bad(name, str(run_dir), f"another process (PID {holder}) is training in this folder now; wait for it "
+                  "to end, stop it, or choose another folder.")
     if found:
         shown = ", ".join(str(p.relative_to(run_dir)) for p in found[:4]) + (", ..." if len(found) > 4 else "")
         raise bad(name, str(run_dir), f"the folder already holds a run ({shown}); continue it with resume='auto' "
@@ -226,6 +230,24 @@ class RunLock:
         self._fd = None
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """The PID of the process training in ``run_dir`` now (its lock is held), or None."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -253,7 +275,7 @@ class RunFolder:
                 self._lock.acquire()
             except ConfigError as err:
                 error = err
-        if strategy is not None and strategy.world_size > 1 and strategy.any(error is not None) and error is None:
+        if strategy is not None and strategy.any(error is not None) and error is None:
             self.unlock()
             raise ConfigError(f"run_dir={str(self.path)!r}: rank 0 could not take the run folder (see its error).")
         if error is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from .data.loading import batch_size_of
 from .data.sources import Draw
-from .outputs import Forward, call_model, read_output
+from .outputs import Forward, Output, call_model, read_output
 from .precision import Precision
 
 if TYPE_CHECKING:
@@ -41,10 +41,10 @@ class StepParts:
     max_grad_norm: float | None
     forward: Forward | None
     move: Callable[[Any], Any]
+    strategy: Strategy  # how ranks agree: no_sync, reductions (a single process: a null context, the identity)
     check_finite: bool = True  # read the loss on the host to skip a non-finite step
     inputs: Sequence[str] | None = None
     loss_weights: Mapping[str, float] | None = None
-    strategy: Strategy | None = None  # how ranks agree: no_sync, all-reduce (None: a single process)
     forward_kwargs: Mapping[str, Any] | None = None  # keywords added to every model call
     part_names: Sequence[str] | None = None  # names of a (loss, (part, ...)) tuple's entries
     clip_per_group: bool = False  # clip each optimizer group to max_grad_norm on its own
@@ -52,82 +52,112 @@ class StepParts:
     update: Callable[[StepParts], torch.Tensor | None] | None = None
 
 
-def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                              torch.Tensor | None, int, bool]:
-    """Forward, backward, clip and step; returns ``(loss, parts, grad_norm, samples, stepped)``.
+@dataclass
+class StepResult:
+    """What one step gives the loop; ``loss``, ``parts`` and ``grad_norm`` stay on the device."""
 
-    ``loss``, ``parts`` and ``grad_norm`` stay on the device; ``samples`` is the step's number of samples;
-    ``stepped`` is False when a non-finite loss left the weights and the optimizer untouched.
-    """
-    scaler = p.precision.scaler
-    loss_sum: Any = None
-    parts_sum: dict[str, torch.Tensor] = {}
-    item_total: Any = 0
-    samples = 0
-    counted = False  # True when the model reports num_items (a summed loss)
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor | None  # before clipping; None when not clipping or not stepped
+    samples: int  # the step's samples on this process
+    stepped: bool  # False when a non-finite loss left the weights and the optimizer untouched
 
-    world = p.strategy.world_size if p.strategy is not None else 1
+
+def train_step(p: StepParts, draws: Sequence[Draw]) -> StepResult:
+    """Forward and backward over every micro-batch, then clip and step the optimizer (skipped, weights and
+    optimizer untouched, when the loss is not finite)."""
+    sums = Sums()
+    world = p.strategy.world_size
     last = (len(draws) - 1, len(draws[-1].micro_batches) - 1)
     for d, (source, source_weight, micro_batches, total) in enumerate(draws):
         sizes = [batch_size_of(b) for b in micro_batches]
-        source_samples = sum(sizes)
-        samples += source_samples
+        sums.samples += sum(sizes)
         # items of this source's global batch; gradients are averaged over ranks, so a rank's share scales by world
-        total = total if total is not None else source_samples * world
+        total = total if total is not None else sum(sizes) * world
         prefix = f"{source}/" if source is not None else ""
-        source_loss: Any = None
+        sums.source_loss = None
         for m, (batch, n) in enumerate(zip(micro_batches, sizes)):
-            # all-reduce gradients once, after the last micro-batch
-            hold = p.strategy is not None and (d, m) != last
-            with p.strategy.no_sync(p.model) if hold else _NOTHING:
-                with p.precision.autocast():
-                    raw = call_model(p.model, p.move(batch), p.forward, p.inputs, p.forward_kwargs)
-                    out = read_output(raw, training=True, loss_weights=p.loss_weights, part_names=p.part_names)
-                if out.num_items is None:
-                    share: Any = n * world / total  # this micro-batch's part of its source's mean
-                    factor = share * source_weight
-                else:
-                    counted, share = True, out.num_items  # a sum: divided by the step's items below
-                    item_total = item_total + share
-                    factor = source_weight
-                loss = out.loss if factor == 1 else out.loss * factor
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+            share = n * world / total  # this micro-batch's part of its source's mean
+            with p.strategy.no_sync(p.model) if (d, m) != last else _NOTHING:  # all-reduce once, at the last
+                out, loss = forward_backward(p, batch, share, source_weight)
+            sums.add(out, loss, share, prefix)
+        if prefix and sums.source_loss is not None:
+            sums.parts[prefix + "loss"] = sums.source_loss
 
-            loss = loss.detach()
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-            whole = out.num_items is None and share == 1
-            if prefix:
-                mean = out.loss.detach() if whole else out.loss.detach() * share
-                source_loss = mean if source_loss is None else source_loss + mean
-            for name, value in out.parts.items():
-                value = value if whole else value * share
-                key = prefix + name
-                parts_sum[key] = value if key not in parts_sum else parts_sum[key] + value
-        if prefix and source_loss is not None:
-            parts_sum[prefix + "loss"] = source_loss
-
-    if counted:  # the losses were sums: turn the summed gradient into the gradient of the step's mean
-        total_items = torch.as_tensor(item_total, dtype=torch.float32, device=loss_sum.device)
-        if world > 1:  # every rank's items count; the gradients were averaged over ranks, undo that too
-            total_items = p.strategy.all_reduce(total_items.clone()) / world
-        grads = [q.grad for q in p.params if q.grad is not None]
-        if grads:
-            torch._foreach_div_(grads, total_items.to(grads[0].dtype))
-        loss_sum = loss_sum / total_items
-        parts_sum = {k: v / total_items for k, v in parts_sum.items()}
+    if sums.counted:  # the losses were sums: turn the summed gradient into the gradient of the step's mean
+        divide_by_items(p, sums)
 
     # float() is a sync on an accelerator (check_finite is then off unless on_nonfinite="skip"), free on the CPU
-    nonfinite = p.check_finite and not math.isfinite(float(loss_sum))
-    if world > 1 and p.check_finite:
+    nonfinite = p.check_finite and not math.isfinite(float(sums.loss))
+    if p.check_finite:
         nonfinite = p.strategy.any(nonfinite)  # every rank takes the same branch
     if nonfinite:
         p.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, parts_sum, None, samples, False
+        return StepResult(sums.loss, sums.parts, None, sums.samples, stepped=False)
 
-    if p.update is not None:  # the same clip and step, compiled (never with a grad scaler)
-        grad_norm = p.update(p)
-        p.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, parts_sum, grad_norm, samples, True
+    # the same clip and step, compiled (never with a grad scaler), or eager
+    grad_norm = p.update(p) if p.update is not None else clip_and_step(p)
+    p.optimizer.zero_grad(set_to_none=True)
+    return StepResult(sums.loss, sums.parts, grad_norm, sums.samples, stepped=True)
+
+
+def forward_backward(p: StepParts, batch: Any, share: float, source_weight: float) -> tuple[Output, torch.Tensor]:
+    """One micro-batch: forward under autocast, the loss weighted by its part of the step, backward.
+
+    Returns the model's output and the loss as backpropagated (detached). A loss of a model that reports
+    ``num_items`` is a sum: it is divided by the step's items once all micro-batches are in.
+    """
+    with p.precision.autocast():
+        raw = call_model(p.model, p.move(batch), p.forward, p.inputs, p.forward_kwargs)
+        out = read_output(raw, training=True, loss_weights=p.loss_weights, part_names=p.part_names)
+    factor = share * source_weight if out.num_items is None else source_weight
+    loss = out.loss if factor == 1 else out.loss * factor
+    scaler = p.precision.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return out, loss.detach()
+
+
+@dataclass
+class Sums:
+    """The step's sums of the losses and parts, on the device."""
+
+    loss: Any = None
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    source_loss: Any = None  # with several sources: the mean loss of the current one
+    items: Any = 0  # the items of the micro-batches whose model reported num_items
+    counted: bool = False  # True when the model reports num_items (a summed loss)
+    samples: int = 0
+
+    def add(self, out: Output, loss: torch.Tensor, share: Any, prefix: str) -> None:
+        """One micro-batch's backpropagated ``loss``, and its parts weighted by ``share`` of the mean."""
+        if out.num_items is not None:
+            self.counted, share = True, out.num_items  # a sum: divided by the step's items
+            self.items = self.items + share
+        self.loss = loss if self.loss is None else self.loss + loss
+        whole = out.num_items is None and share == 1
+        if prefix:
+            mean = out.loss.detach() if whole else out.loss.detach() * share
+            self.source_loss = mean if self.source_loss is None else self.source_loss + mean
+        for name, value in out.parts.items():
+            value = value if whole else value * share
+            key = prefix + name
+            self.parts[key] = value if key not in self.parts else self.parts[key] + value
+
+
+def divide_by_items(p: StepParts, sums: Sums) -> None:
+    """Divide the summed gradients, loss and parts by the step's items (on every rank: their mean over the
+    ranks, as the gradients were averaged over ranks)."""
+    total_items = p.strategy.mean(torch.as_tensor(sums.items, dtype=torch.float32, device=sums.loss.device))
+    grads = [q.grad for q in p.params if q.grad is not None]
+    if grads:
+        torch._foreach_div_(grads, total_items.to(grads[0].dtype))
+    sums.loss = sums.loss / total_items
+    sums.parts = {k: v / total_items for k, v in sums.parts.items()}
+
+
+def clip_and_step(p: StepParts) -> torch.Tensor | None:
+    """Unscale (with a grad scaler), clip and step the optimizer; returns the norm before clipping."""
+    scaler = p.precision.scaler
     if scaler is not None:
         scaler.unscale_(p.optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = clip(p)
@@ -136,8 +166,7 @@ def train_step(p: StepParts, draws: Sequence[Draw]) -> tuple[torch.Tensor, dict[
         scaler.update()
     else:
         p.optimizer.step()
-    p.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, parts_sum, grad_norm, samples, True
+    return grad_norm
 
 
 def clip(p: StepParts) -> torch.Tensor | None:

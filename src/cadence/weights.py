@@ -73,25 +73,6 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     return write_safetensors(clean_state_dict(model), path, metadata)
 
 
-def save_final(model: nn.Module, folder: Path, ema_model: nn.Module | None = None, sharded: bool = False,
-               is_main: bool = True) -> None:
-    """``folder/model.safetensors`` (and ``ema.safetensors``): whole tensors, gathered from FSDP shards.
-
-    Every rank must call it (gathering FSDP shards is collective); only the main process writes.
-    """
-    if sharded:
-        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-        if is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_safetensors({strip_compiled(k): v.detach().to("cpu").contiguous()
-                               for k, v in full.items()}, folder / "model.safetensors")
-        return
-    if is_main:
-        save_weights(model, folder / "model.safetensors")
-        if ema_model is not None:
-            save_weights(ema_model, folder / "ema.safetensors")
-
-
 def _find_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     """The tensor mapping inside a foreign checkpoint: the object itself, or under a usual key."""
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -21,7 +21,7 @@ class Saver:
 
     def __init__(self, store: Checkpoints, strategy: Strategy, background: bool = False) -> None:
         self.store, self.strategy = store, strategy
-        self.background = background and strategy.world_size == 1
+        self.background = background and not strategy.writes_together
         # the background writer's copies of the state; refilled only once the write that reads them is done
         self.staging = Staging() if self.background else None
         self._thread: threading.Thread | None = None
@@ -29,7 +29,7 @@ class Saver:
 
     def save(self, step: int, files: dict[str, Any]) -> None:
         self.wait()
-        if self.strategy.world_size > 1:
+        if self.strategy.writes_together:
             self._write_together(step, files)
         elif not self.background:
             self._write(step, files)

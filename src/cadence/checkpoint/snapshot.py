@@ -17,11 +17,10 @@ import torch
 
 from ..errors import ConfigError
 from ..version import __version__
-from ..weights import clean_state_dict, load_model, strip_compiled
 from . import tree
 from .format import FORMAT, read_json, read_tensors
 from .staging import Staging
-from .state import load_local_shards, load_optimizer, local, optimizer_state, rng_state, set_rng_state
+from .state import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
@@ -47,22 +46,11 @@ def capture(trainer: Trainer, staging: Staging | None = None) -> dict[str, Any]:
     def copier(file: str) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
         return staging.copier(file) if staging is not None else None
 
-    rank = trainer.rank
-    files: dict[str, Any] = {rng_file(rank, trainer.world_size): rng_state()}
-    sharded = trainer.strategy.name == "fsdp"
-    if sharded:  # every rank writes its own shards of the weights and of the optimizer state
-        opt_tensors, opt_meta = optimizer_state(trainer.optimizer)
-        shards = {strip_compiled(k): local(v).detach().to("cpu").clone()
-                  for k, v in trainer.model.state_dict().items()}
-        files.update({f"model-rank{rank:05d}.safetensors": shards,
-                      f"optimizer-rank{rank:05d}.safetensors": opt_tensors,
-                      f"optimizer-rank{rank:05d}.json": opt_meta})
-    if not trainer.is_main:  # replicated state is written once, by rank 0; every rank writes its RNG
+    files: dict[str, Any] = {rng_file(trainer.rank, trainer.world_size): rng_state()}
+    # the weights and the optimizer: written once by rank 0 (replicated) or by every rank (its shards)
+    files.update(trainer.strategy.checkpoint_files(trainer.model, trainer.optimizer, copier))
+    if not trainer.is_main:  # the rest is replicated, written once, by rank 0; every rank writes its RNG
         return files
-    if not sharded:
-        files["model.safetensors"] = clean_state_dict(trainer.model, copier("model"))
-        opt_tensors, opt_meta = optimizer_state(trainer.optimizer, copier("optimizer"))
-        files.update({"optimizer.safetensors": opt_tensors, "optimizer.json": opt_meta})
     state = trainer.state_dict()
     ema = state.pop("ema")
     meta, tensors = tree.split(state, "state")
@@ -91,19 +79,12 @@ def restore(trainer: Trainer, folder: Path) -> None:
     meta = read_json(folder / "trainer.json")
     check_fits(trainer, folder, meta)
     state = read_state(folder, meta)
-    sharded = trainer.strategy.name == "fsdp"
-    suffix = f"-rank{trainer.rank:05d}" if sharded else ""
-    if sharded:
-        load_local_shards(trainer.model, read_tensors(folder / f"model{suffix}.safetensors"), str(folder))
-    else:  # the modules' get_extra_state() go back with the weights, as load_state_dict takes them
-        load_model(trainer.model, {**read_tensors(folder / "model.safetensors"), **(state.get("model") or {})},
-                   str(folder))
+    trainer.strategy.load_model_files(trainer.model, folder, state.get("model") or {})
     if trainer.ema is not None and state.get("ema") is None:
         raise ConfigError(f"resume={str(folder)!r}: the checkpoint has no EMA weights but this run has ema=...; "
                           "resume without ema, or start a new run.")
     trainer.load_state_dict(state)
-    load_optimizer(trainer.optimizer, read_tensors(folder / f"optimizer{suffix}.safetensors"),
-                   read_json(folder / f"optimizer{suffix}.json"))
+    trainer.strategy.load_optimizer_files(trainer.optimizer, folder)
     for group in trainer.optimizer.param_groups:  # tensors come back on the CPU; the optimizer expects its device
         for p in group["params"]:
             for key, value in trainer.optimizer.state.get(p, {}).items():
@@ -123,7 +104,7 @@ def check_fits(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> None:
         raise ConfigError(f"resume={str(folder)!r}: the run changed since this checkpoint ({'; '.join(changed)}); "
                           "an exact resume needs the same data, batch_size, grad_accum, world size and seed. "
                           "Put them back, or start a new run.")
-    if (trainer.strategy.name == "fsdp") != (meta.get("strategy") == "fsdp"):
+    if not trainer.strategy.resumes(meta.get("strategy")):
         raise ConfigError(f"resume={str(folder)!r}: saved with strategy {meta.get('strategy')!r}, resumed with "
                           f"{trainer.strategy.name!r}; use the same strategy.")
 

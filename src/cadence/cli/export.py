@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoints
-from ..checkpoint.format import read_tensors
+from ..checkpoint.format import read_json, read_tensors
+from ..distributed import strategy_class
 from ..errors import ConfigError
+from ..weights import write_safetensors
 
 
 def best_checkpoint(run: Path) -> Path:
@@ -31,18 +33,28 @@ def export(cfg: Any) -> int:
     run, output = Path(cfg.run), Path(cfg.output)
     name = "ema.safetensors" if cfg.ema else "model.safetensors"
     if cfg.get("best"):
-        source = best_checkpoint(run) / name
+        folder: Path | None = best_checkpoint(run)
     else:
         found = Checkpoints(run / "checkpoints").latest()
-        source = found[0] / name if found else run / "final" / name
-    if not source.is_file():
+        folder = found[0] if found else None
+    # a checkpoint's whole weights, as the strategy that wrote it keeps them (FSDP: joined from every rank's shards)
+    weights = checkpoint_weights(folder, name) if folder is not None else run / "final" / name
+    if isinstance(weights, Path) and not weights.is_file():
         what = "EMA weights (train with ema=EMA(...))" if cfg.ema else "weights"
         raise ConfigError(f"run={str(run)!r}: it holds no {what}: no valid checkpoint and no final/{name}; give "
                           "the folder of a run that cadence fit started.")
     if output.exists() and not cfg.overwrite:
         raise ConfigError(f"--output={str(output)!r}: the file exists; choose another path or pass --overwrite.")
-    read_tensors(source)  # refuse anything that is not a valid safetensors file
-    output.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, output)
-    print(f"wrote {output} from {source}")
+    if isinstance(weights, Path):
+        read_tensors(weights)  # refuse anything that is not a valid safetensors file
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, output)
+    else:
+        write_safetensors(weights, output)
+    print(f"wrote {output} from {folder / name if folder is not None else weights}")
     return 0
+
+
+def checkpoint_weights(folder: Path, name: str) -> Path | dict[str, Any]:
+    """The file ``name`` of a checkpoint, or (sharded) its tensors joined, by the strategy that saved it."""
+    return strategy_class(read_json(folder / "trainer.json").get("strategy")).checkpoint_weights(folder, name)

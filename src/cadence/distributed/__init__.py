@@ -2,6 +2,6 @@
 per engine (single process, DDP, FSDP2)."""
 
 from .env import DistEnv, init_distributed
-from .strategy import Strategy, make_strategy
+from .strategy import Strategy, make_strategy, strategy_class
 
-__all__ = ["DistEnv", "Strategy", "init_distributed", "make_strategy"]
+__all__ = ["DistEnv", "Strategy", "init_distributed", "make_strategy", "strategy_class"]

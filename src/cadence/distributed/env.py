@@ -24,6 +24,11 @@ class DistEnv:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def local_device(self) -> int | None:
+        """The index of this process's accelerator on its machine: its local rank under torchrun, else None."""
+        return self.local_rank if self.distributed else None
+
 
 def read_env() -> DistEnv:
     return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
