@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import os
 from dataclasses import dataclass
@@ -44,4 +45,15 @@ def init_distributed(device: torch.device, timeout_s: float = 300.0) -> DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
+        atexit.register(_leave_process_group)
     return env
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter tears down: a group left to the C++ destructors at
+    exit can abort the process ("terminate called without an active exception") after it trained well."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to release cleanly
+            pass
