@@ -24,13 +24,12 @@ import argparse
 import gc
 import os
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import median, spread, timed
 from torch import nn
 
 from cadence import Trainer
@@ -68,12 +67,6 @@ def hand_save(state: dict, path: Path, durable: bool) -> None:
     if durable:  # the file's bytes, then its name in the folder
         fsync_path(path)
         fsync_path(path.parent)
-
-
-def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
-    t = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - t
 
 
 def cadence_resume(trainer: Trainer) -> None:
@@ -119,11 +112,11 @@ def run_case(root: Path, width: int, depth: int, repeats: int) -> tuple[float, d
 
 
 def show(ms: list[float]) -> str:
-    return f"{statistics.median(ms) * 1e3:8.1f} ms  [{min(ms) * 1e3:.1f}-{max(ms) * 1e3:.1f}]"
+    return f"{median(ms) * 1e3:8.1f} ms  [{spread([t * 1e3 for t in ms], '{:.1f}')}]"
 
 
 def report(name: str, width: int, depth: int, size_mb: float, t: dict[str, list[float]]) -> None:
-    med = {k: statistics.median(v) for k, v in t.items()}
+    med = {k: median(v) for k, v in t.items()}
     save_ratio, resume_ratio = med["sync"] / med["durable"], med["resume"] / med["hand_resume"]
     print(f"\n{name}: {depth} x Linear({width}, {width}) + AdamW state, a {size_mb:.2f} MB checkpoint; "
           f"median [min-max] of {len(t['sync'])}")

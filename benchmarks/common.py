@@ -1,5 +1,6 @@
 """What the benchmarks share: the two models (written so that ``torch.compile`` takes each whole), their data,
-the data order contract's batches for hand-written loops, and summaries of repeated timings.
+the data order contract's batches for hand-written loops, clocks and summaries of repeated timings, the machine
+description, import timing in fresh interpreters, and instruction counting under valgrind's callgrind.
 
 The models are those of ``peers.py`` (same layers, same initialization order, so the same initial weights from
 the same seed) without its per-forward time stamps, which would break a compiled graph.
@@ -7,9 +8,17 @@ the same seed) without its per-forward time stamps, which would break a compiled
 
 from __future__ import annotations
 
+import os
 import platform
+import resource
+import shutil
 import statistics
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +65,9 @@ def build(name: str) -> nn.Module:
     return MLP() if name == "mlp" else TinyLM()
 
 
-def make_data(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(name: str, n: int, seed: int = SEED + 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` items: MLP features with learnable classes, or random token sequences shifted by one."""
-    g = torch.Generator().manual_seed(SEED + 1)
+    g = torch.Generator().manual_seed(seed)
     if name == "mlp":
         x = torch.randn(n, 32, generator=g)
         return x, (x @ torch.randn(32, 10, generator=g) + 0.5 * torch.randn(n, 10, generator=g)).argmax(1)
@@ -66,16 +75,47 @@ def make_data(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def epoch_perm(n: int, epoch: int, seed: int = SEED) -> torch.Tensor:
+    """The data order contract: epoch ``e`` visits ``randperm(n)`` drawn from a generator seeded ``seed + e``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+
+
 def contract_batches(data: tuple[torch.Tensor, torch.Tensor], batch: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless batches in the data order contract: epoch ``e`` slices ``randperm(N, seed + e)`` (cadence's order)."""
     x, y = data
     epoch = 0
     while True:
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED + epoch))
+        perm = epoch_perm(len(x), epoch)
         for i in range(0, len(x) - batch + 1, batch):
             idx = perm[i:i + batch]
             yield x[idx], y[idx]
         epoch += 1
+
+
+T = TypeVar("T")
+
+
+def rotated(items: Sequence[T], r: int) -> list[T]:
+    """``items`` starting at ``r mod len``: the order of repeat ``r``, so that no case always runs first."""
+    k = r % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+def clock() -> tuple[float, float]:
+    """Wall time and this thread's CPU time (``time.thread_time``, less moved by other processes)."""
+    return time.perf_counter(), time.thread_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    """Wall and thread CPU seconds since ``start`` (a ``clock()`` reading)."""
+    return time.perf_counter() - start[0], time.thread_time() - start[1]
+
+
+def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
 
 
 def spread(values: list[float], fmt: str = "{:.3f}") -> str:
@@ -87,9 +127,51 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else ``platform.processor()`` or ``?``."""
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return cpu
+
+
 def machine() -> str:
     """One line: CPU count, Python and torch versions, threads."""
-    import os
-
     return (f"{platform.machine()}, os.cpu_count()={os.cpu_count()}, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+
+
+def timed_import(code: str) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of ``code`` in a fresh interpreter."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+# Instructions executed, counted by valgrind's callgrind: unlike time, they do not depend on what else the machine
+# runs. The measured process calls a libc function that nothing else calls (the "marker") before and after each
+# run; ``--dump-before=MARKER`` makes callgrind write its counters to a new file ``OUT.<n>`` at each call.
+def callgrind(argv: list[str], marker: str, out: Path) -> tuple[int, str, list[int]]:
+    """Runs ``argv`` under callgrind; returns its exit status, its output (stdout and stderr) and the instruction
+    count of each dump, in order."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("counting instructions needs valgrind (apt-get install valgrind).")
+    done = subprocess.run([valgrind, "--tool=callgrind", f"--dump-before={marker}", f"--callgrind-out-file={out}",
+                           *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dumps = sorted(out.parent.glob(f"{out.name}.*"), key=lambda f: int(f.suffix[1:]))
+    return done.returncode, done.stdout, [dump_instructions(f.read_text()) for f in dumps]
+
+
+def dump_instructions(text: str) -> int:
+    """The instructions of one callgrind dump: its ``summary:`` line (the same figure as its ``totals:`` line)."""
+    for line in text.splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1])
+    raise ValueError("no 'summary:' line in the callgrind dump")

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import build, contract_batches, machine, make_data, median, spread
+from common import build, contract_batches, machine, make_data, median, rotated, spread
 from torch import nn
 
 from cadence import Trainer
@@ -138,7 +138,7 @@ def bench(case: Case, loops: list[str], warmup: int, steps: int, repeats: int) -
     init, data = build(case.name), make_data(case.name, case.n)
     runs: dict[str, list[Run]] = {k: [] for k in loops}
     for r in range(repeats):
-        for name in loops[r % len(loops):] + loops[:r % len(loops)]:
+        for name in rotated(loops, r):
             run = loop_fn(name)(copy.deepcopy(init), data, case, Clock(warmup, warmup + steps))
             runs[name].append(run)
             print(f"  {case.name} repeat {r + 1}: {name:<13} {steps / run.wall:8.1f} steps/s "

@@ -9,7 +9,8 @@ import argparse
 import statistics
 import subprocess
 import sys
-import time
+
+from common import timed_import
 
 CASES = {
     "torch": "import torch",
@@ -19,9 +20,7 @@ CASES = {
 
 
 def timed(code: str) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return time.perf_counter() - start
+    return timed_import(code)[0]
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ micro-batch) and as a worker does it (no putting back).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from common import median, spread
 from torch.utils.data import Dataset
 
 from cadence.data import seeding
@@ -59,11 +59,11 @@ def main() -> None:
             results["item_seeding, in a worker"].append(per_item_us(seeded.__getitems__, args.items, args.batch))
         finally:
             seeding.get_worker_info = in_worker
-    base = statistics.median(results["plain __getitem__"])
+    base = median(results["plain __getitem__"])
     print(f"{args.items} items, micro-batches of {args.batch}, median of {args.repeats} (min-max):")
     for name, values in results.items():
-        med = statistics.median(values)
-        print(f"  {name:30s} {med:6.2f} us/item ({min(values):.2f}-{max(values):.2f}); "
+        med = median(values)
+        print(f"  {name:30s} {med:6.2f} us/item ({spread(values, '{:.2f}')}); "
               f"+{med - base:.2f} us over plain")
 
 

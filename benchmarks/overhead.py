@@ -38,10 +38,7 @@ import copy
 import datetime
 import os
 import platform
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from common import MLP, callgrind, clock, cpu_name, epoch_perm, make_data, rotated, since
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
@@ -60,16 +57,6 @@ BATCH, LR, MAX_NORM, LOG_EVERY = 64, 1e-3, 1.0, 500
 
 GOAL_LOADER = 1.03  # (c) / (a) must be at most this
 GOAL_IN_MEMORY = 0.7  # (d) / (a) must be below this
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(FEATURES, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
-                                 nn.Linear(WIDTH, CLASSES))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.net(x), y)
 
 
 class ItemDataset(Dataset):
@@ -85,27 +72,11 @@ class ItemDataset(Dataset):
         return len(self.tensors[0])
 
 
-def make_data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N_ITEMS, FEATURES, generator=g)
-    w = torch.randn(FEATURES, CLASSES, generator=g)
-    y = (x @ w + 0.5 * torch.randn(N_ITEMS, CLASSES, generator=g)).argmax(dim=1)
-    return x, y
-
-
 # ------------------------------------------------------------------------------------------------ cases
 # Each case takes (model, X, y, steps, seed), builds what it needs, and returns a function that trains and
 # returns (wall seconds, this thread's CPU seconds) of the timed part.
 Times = tuple[float, float]
 Case = Callable[[nn.Module, torch.Tensor, torch.Tensor, int, int], Callable[[], Times]]
-
-
-def _clock() -> Times:
-    return time.perf_counter(), time.thread_time()
-
-
-def _since(start: Times) -> Times:
-    return time.perf_counter() - start[0], time.thread_time() - start[1]
 
 
 def hand_loader(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> Callable[[], Times]:
@@ -119,7 +90,7 @@ def hand_loader(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
         model.train()
         losses = []
         step = epoch = 0
-        start = _clock()
+        start = clock()
         while step < steps:
             perm_gen.manual_seed(seed + epoch)  # the contract's order: randperm(N, seed + epoch)
             for xb, yb in loader:
@@ -134,7 +105,7 @@ def hand_loader(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
                 if step == steps:
                     break
             epoch += 1
-        return _since(start)
+        return since(start)
 
     return run
 
@@ -149,9 +120,9 @@ def hand_in_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
         model.train()
         losses = []
         step = epoch = 0
-        start = _clock()
+        start = clock()
         while step < steps:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+            perm = epoch_perm(n, epoch, seed)
             for i in range(0, n, BATCH):
                 idx = perm[i:i + BATCH]
                 loss = model(x[idx], y[idx])
@@ -165,7 +136,7 @@ def hand_in_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
                 if step == steps:
                     break
             epoch += 1
-        return _since(start)
+        return since(start)
 
     return run
 
@@ -182,9 +153,9 @@ def _cadence(key: str, make_data_arg: Callable[[torch.Tensor, torch.Tensor], obj
         CONSTRUCTION_S.setdefault(key, []).append(time.perf_counter() - t0)
 
         def run() -> Times:
-            start = _clock()
+            start = clock()
             trainer.fit()
-            elapsed = _since(start)
+            elapsed = since(start)
             assert trainer.step == steps, (trainer.step, steps)
             return elapsed
 
@@ -217,15 +188,7 @@ def check_paths(x: torch.Tensor, y: torch.Tensor) -> str:
 
 # ------------------------------------------------------------------------------------------------ running
 def machine() -> list[str]:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [
         f"date:     {datetime.date.today().isoformat()}",
@@ -253,7 +216,7 @@ def marked_runs(seed: int) -> None:
     """Under callgrind: each case once, its fit/loop alone between two markers (warm-up runs first)."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    x, y = make_data(seed)
+    x, y = make_data("mlp", N_ITEMS, seed)
     init = MLP()
     for key in CASES:  # untimed: valgrind translates the code the first time it runs
         run_case(key, init, x, y, 130, seed)
@@ -265,26 +228,17 @@ def marked_runs(seed: int) -> None:
 
 
 def count_instructions(seed: int) -> int:
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise SystemExit("--instructions needs valgrind (apt-get install valgrind).")
     keys = list(CASES)
     print(f"counting instructions: each case once for {INSTRUCTION_STEPS} steps under callgrind (about 15 minutes)",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="cadence-cg-") as tmp:
-        out = Path(tmp) / "cg.out"
-        cmd = [valgrind, "--tool=callgrind", "--dump-before=getppid", f"--callgrind-out-file={out}",
-               sys.executable, __file__, "--_marked-runs", "--seed", str(seed)]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"valgrind failed ({done.returncode}):\n{done.stdout[-3000:]}")
-        dumps = sorted(Path(tmp).glob("cg.out.*"), key=lambda f: int(f.suffix[1:]))
-        if len(dumps) != 2 * len(keys):  # one per marker: (before, run) per case; the rest goes to cg.out
-            raise SystemExit(f"expected {2 * len(keys)} callgrind dumps, found {len(dumps)}")
-        counts = {}
-        for i, key in enumerate(keys):
-            text = dumps[2 * i + 1].read_text()
-            counts[key] = int(re.search(r"^summary: (\d+)", text, re.M).group(1)) / INSTRUCTION_STEPS
+        code, output, dumps = callgrind([sys.executable, __file__, "--_marked-runs", "--seed", str(seed)], "getppid",
+                                        Path(tmp) / "cg.out")
+    if code != 0:
+        raise SystemExit(f"valgrind failed ({code}):\n{output[-3000:]}")
+    if len(dumps) != 2 * len(keys):  # one per marker: (before, run) per case; the rest goes to cg.out
+        raise SystemExit(f"expected {2 * len(keys)} callgrind dumps, found {len(dumps)}")
+    counts = {key: dumps[2 * i + 1] / INSTRUCTION_STEPS for i, key in enumerate(keys)}
     print()
     print("| case | instructions per step | vs (a) | vs (b) |")
     print("|---|---:|---:|---:|")
@@ -324,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    x, y = make_data(args.seed)
+    x, y = make_data("mlp", N_ITEMS, args.seed)
     init = MLP()
     keys = list(CASES)
 
@@ -348,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu: dict[str, list[float]] = {k: [] for k in keys}
     same_weights = True
     for r in range(repeats):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        order = rotated(keys, r)
         finals = {}
         for key in order:
             (w, c), finals[key] = run_case(key, init, x, y, steps, args.seed)

@@ -82,10 +82,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import common
 import torch
+from common import callgrind, clock, cpu_name, epoch_perm, rotated, since, timed_import
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -145,14 +147,7 @@ class Model:
         return MLP() if self.name == "mlp" else TinyLM()
 
     def data(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(SEED + 1)
-        total = self.n + self.n_val
-        if self.name == "mlp":
-            x = torch.randn(total, 32, generator=g)
-            y = (x @ torch.randn(32, 10, generator=g) + 0.5 * torch.randn(total, 10, generator=g)).argmax(1)
-        else:
-            tokens = torch.randint(0, 256, (total, 65), generator=g)
-            x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        x, y = common.make_data(self.name, self.n + self.n_val)
         return (x[:self.n], y[:self.n]), (x[self.n:].contiguous(), y[self.n:].contiguous())
 
 
@@ -202,11 +197,6 @@ def make_cases(steps: int, lm_steps: int) -> dict[str, Case]:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def epoch_perm(n: int, epoch: int) -> torch.Tensor:
-    """The data order contract: epoch ``e`` visits this permutation."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(SEED + epoch))
-
-
 class ContractBatches(Sampler):
     """A batch sampler yielding the contract's consecutive index slices; it counts epochs itself (the ``e``-th
     iteration that is actually drawn from is epoch ``e``), so no framework's ``set_epoch`` convention matters."""
@@ -470,21 +460,16 @@ def lightning_module(L: Any) -> type:
 def lightning_logger(records: list) -> Any:
     from lightning.pytorch.loggers import Logger
 
-    class ListLogger(Logger):
-        name, version = "list", 0
-
-        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-            records.append({"step": step, **metrics})
-
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    return ListLogger()
+    return list_logger(Logger, records)
 
 
 def fabric_logger(records: list) -> Any:
     from lightning.fabric.loggers import Logger
 
+    return list_logger(Logger, records)
+
+
+def list_logger(Logger: type, records: list) -> Any:  # noqa: N803 (Lightning's or Fabric's Logger class)
     class ListLogger(Logger):
         name, version = "list", 0
 
@@ -545,9 +530,9 @@ def train_once(loop: str, case: Case, init: nn.Module, train: Data, val: Data) -
     run, records = BUILDERS[loop](case, model, train, val)
     setup = time.perf_counter() - t0
     STAMPS.clear()
-    w0, c0 = time.perf_counter(), time.thread_time()
+    start = clock()
     run()
-    wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
+    wall, cpu = since(start)
     if len(STAMPS) != case.micro:
         raise SystemExit(f"{loop} ran {len(STAMPS)} training forwards, not {case.micro}")
     ga, steps = case.grad_accum, case.steps
@@ -568,8 +553,7 @@ def bench_case(case: Case, loops: list[str], repeats: int, warmup: bool = True) 
         train_once(loop, warm, init, train, val)
     results: dict[str, list[Result]] = {k: [] for k in loops}
     for r in range(repeats):
-        order = loops[r % len(loops):] + loops[:r % len(loops)]
-        for loop in order:
+        for loop in rotated(loops, r):
             results[loop].append(train_once(loop, case, init, train, val))
         print(f"    repeat {r + 1}/{repeats} wall s: "
               + "  ".join(f"{k}={results[k][-1].wall:.2f}" for k in loops), flush=True)
@@ -643,7 +627,7 @@ def bench_memory(loops: list[str], micro: dict[str, int], repeats: int) -> list[
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     jobs = [(m, loop) for r in range(repeats) for m in micro
-            for loop in loops[r % len(loops):] + loops[:r % len(loops)]]
+            for loop in rotated(loops, r)]
     figures: dict[tuple[str, str], list[dict[str, int]]] = {}
     # a process's peak RSS does not depend on what runs beside it: two children at a time
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -664,11 +648,10 @@ def bench_memory(loops: list[str], micro: dict[str, int], repeats: int) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ instructions
-# Instructions executed, counted by valgrind's callgrind: unlike time, they do not depend on what else the machine
-# runs. Each loop runs in its own process under callgrind, which dumps its counters whenever getloadavg() is called
-# (nothing else here calls it); each MLP case trains a warm-up epoch, then 1 and 3 epochs, each run between two
-# dumps. Per step = (instructions of the 3-epoch run - those of the 1-epoch run) / (its extra steps): the loop's
-# fixed start-up and tear-down cancel out.
+# Instructions executed, counted by valgrind's callgrind (``common.callgrind``). Each loop runs in its own process
+# under callgrind, which dumps its counters whenever getloadavg() is called (nothing else here calls it); each MLP
+# case trains a warm-up epoch, then 1 and 3 epochs, each run between two dumps. Per step = (instructions of the
+# 3-epoch run - those of the 1-epoch run) / (its extra steps): the loop's fixed start-up and tear-down cancel out.
 INSTRUCTION_CASES = ("mlp-plain", "mlp-accum4", "mlp-val+log")
 INSTRUCTION_RUNS = (1, 1, 3)  # epochs: warm-up, short, long
 
@@ -706,20 +689,12 @@ def bench_instructions(loops: list[str]) -> list[str]:
     folder = tempfile.mkdtemp(prefix="cadence-peers-callgrind-")
 
     def child(loop: str) -> list[int]:
-        out = os.path.join(folder, f"{loop}.out")
-        done = subprocess.run(["valgrind", "--tool=callgrind", "--dump-before=getloadavg",
-                               f"--callgrind-out-file={out}", sys.executable, __file__, "--child-instructions", loop],
-                              capture_output=True, text=True)
-        dumps = sorted((f for f in os.listdir(folder) if f.startswith(f"{loop}.out.")),
-                       key=lambda f: int(f.rsplit(".", 1)[1]))
+        code, output, totals = callgrind([sys.executable, __file__, "--child-instructions", loop], "getloadavg",
+                                         Path(folder) / f"{loop}.out")
         expected = 2 * len(INSTRUCTION_CASES) * len(INSTRUCTION_RUNS)
-        if done.returncode or len(dumps) != expected:
-            raise SystemExit(f"callgrind {loop}: exit {done.returncode}, {len(dumps)} dumps (expected {expected})\n"
-                             f"{done.stderr[-3000:]}")
-        totals = []
-        for name in dumps:
-            with open(os.path.join(folder, name)) as f:
-                totals.append(next(int(line.split()[1]) for line in f if line.startswith("totals:")))
+        if code or len(totals) != expected:
+            raise SystemExit(f"callgrind {loop}: exit {code}, {len(totals)} dumps (expected {expected})\n"
+                             f"{output[-3000:]}")
         return totals[1::2]  # the dumps at the end of each run
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -750,22 +725,13 @@ IMPORTS = {
 }
 
 
-def timed_import(code: str) -> tuple[float, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
 def bench_imports(repeats: int, names: list[str] | None = None) -> list[str]:
     """Alternated rounds; the file cache is already warm (main() imported every package before)."""
     names = names or list(IMPORTS)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             w, c = timed_import(IMPORTS[name])
             wall[name].append(w)
             cpu[name].append(c)
@@ -786,14 +752,8 @@ def versions() -> list[str]:
 
     import cadence
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return [f"date: {datetime.date.today().isoformat()}",
-            f"machine: {cpu}, os.cpu_count()={os.cpu_count()}, no GPU used; torch threads=1; "
+            f"machine: {cpu_name()}, os.cpu_count()={os.cpu_count()}, no GPU used; torch threads=1; "
             f"load average at start {os.getloadavg()[0]:.1f}",
             f"python {platform.python_version()}, torch {torch.__version__}, accelerate {accelerate.__version__}, "
             f"lightning {lightning.__version__}, cadence {getattr(cadence, '__version__', '0.1.0')}"]
