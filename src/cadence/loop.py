@@ -13,8 +13,8 @@ from . import callbacks as cbs
 from .checkpoint.snapshot import restore
 from .checkpoint.store import find_resume
 from .device import seed_everything
-from .history import History
 from .optim import set_rates
+from .records import History
 from .rundir import check_resume, notice, stop_message
 from .runs import read_config
 from .signals import StopSignals

@@ -25,11 +25,11 @@ from .checkpoint.snapshot import capture
 from .ema import EMA
 from .errors import bad
 from .extra_state import has_state, model_extra_state
-from .history import History, Metrics
 from .loop import run
 from .optim import OptimizerSpec
 from .outputs import Forward
 from .plateau import Plateau
+from .records import History, Metrics
 from .stages import Stage
 from .stopping import EarlyStopping
 from .validation import validate

@@ -15,7 +15,7 @@ from .data.loading import eval_batches
 from .data.valsets import measure_sources
 from .errors import bad
 from .evaluate import ValidationStopped, evaluate, stop_check
-from .history import Metrics
+from .records import Metrics
 from .step import StepParts
 from .stopping import should_stop
 
