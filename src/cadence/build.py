@@ -50,9 +50,10 @@ def build_data(t: Trainer, a: SimpleNamespace) -> None:
     """The step stream and the validation data (the data order contract), the run's length."""
     t.batch_size, t.grad_accum, t.seed, t.seed_at_fit = a.batch_size, a.grad_accum, a.seed, a.seed_at_fit
     t.collate_fn, t.num_workers = a.collate_fn, a.num_workers
-    settings = DataSettings(a.batch_size, a.grad_accum, a.seed, a.shuffle, a.drop_last, a.collate_fn,
-                            a.num_workers, t.device.type == "cuda", a.sampler, a.balance_by, t.world_size,
-                            t.rank, item_seeding=a.item_seeding)
+    settings = DataSettings(batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed, shuffle=a.shuffle,
+                            drop_last=a.drop_last, collate_fn=a.collate_fn, num_workers=a.num_workers,
+                            pin_memory=t.device.type == "cuda", sampler=a.sampler, balance_by=a.balance_by,
+                            world_size=t.world_size, rank=t.rank, item_seeding=a.item_seeding)
     data = prepare(a.train_data, a.val_data, settings, valid_frac=a.valid_frac, split_by=a.split_by,
                    split_seed=a.split_seed, mix=a.mix, source_weights=a.source_weights, split_mode=a.split_mode)
     t.stream, t.val_data, t.data_length = data.stream, data.val_data, data.length

@@ -20,7 +20,7 @@ from .split import split_indices, take
 from .streaming import stream_iterable
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class DataSettings:
     batch_size: int
     grad_accum: int
