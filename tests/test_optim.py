@@ -9,7 +9,7 @@ import torch
 
 from cadence import ConfigError
 from cadence.optim import Lion, option_names
-from helpers import MLP, assert_weights_changed, assert_weights_equal, clone, epoch_perm, make_data, trainer
+from helpers import MLP, assert_weights_changed, assert_weights_equal, clone, contract_batches, make_data, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,18 +21,10 @@ def hand_run(model: torch.nn.Module, make: Any) -> None:
     x, y = make_data(N)
     params = list(model.parameters())
     opt = make([{"params": [q for q in params if q.ndim >= 2]}, {"params": [q for q in params if q.ndim < 2]}])
-    done, epoch = 0, 0
-    while done < STEPS:
-        perm = epoch_perm(N, 0, epoch)
-        for i in range(-(-N // B)):
-            idx = perm[i * B:(i + 1) * B]
-            model(x[idx], y[idx]).backward()
-            opt.step()
-            opt.zero_grad()
-            done += 1
-            if done == STEPS:
-                break
-        epoch += 1
+    for idx in contract_batches(N, B, 0, STEPS):
+        model(x[idx], y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
 
 
 CASES = [

@@ -40,12 +40,17 @@ def small_run(run: Path, **kw) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the lock
-def test_a_locked_folder_is_refused_naming_it_and_the_pid(tmp_path):
-    run = tmp_path / "run"
-    holder = subprocess.Popen(
+def lock_from_another_process(run: Path) -> subprocess.Popen:
+    """A process that takes ``run``'s lock and holds it until killed (read ``locked`` from its stdout first)."""
+    return subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; from cadence.rundir import RunLock; "
          f"RunLock(Path({str(run)!r})).acquire(); print('locked', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+
+def test_a_locked_folder_is_refused_naming_it_and_the_pid(tmp_path):
+    run = tmp_path / "run"
+    holder = lock_from_another_process(run)
     try:
         assert holder.stdout.readline().strip() == "locked"
         t = trainer(MLP(), make_data(32), batch_size=8, max_steps=2, run_dir=run)
@@ -66,10 +71,7 @@ def test_a_new_run_into_a_folder_in_training_names_the_pid_not_the_old_run(tmp_p
     """Without resume or overwrite, a folder that holds a run still training is refused for that reason."""
     run = tmp_path / "run"
     small_run(run)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from cadence.rundir import RunLock; "
-         f"RunLock(Path({str(run)!r})).acquire(); print('locked', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    holder = lock_from_another_process(run)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match=f"PID {holder.pid}") as err:

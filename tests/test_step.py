@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cadence import ConfigError
-from helpers import MLP, assert_weights_changed, assert_weights_equal, clone, epoch_perm, make_data, trainer
+from helpers import MLP, assert_weights_changed, assert_weights_equal, clone, contract_batches, make_data, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,23 +22,15 @@ def hand_loop(model: torch.nn.Module, per_group: bool) -> list[float]:
               {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=1e-2)
     norms: list[float] = []
-    done, epoch = 0, 0
-    while done < STEPS:
-        perm = epoch_perm(N, 0, epoch)
-        for i in range(-(-N // B)):
-            idx = perm[i * B:(i + 1) * B]
-            model(x[idx], y[idx]).backward()
-            if per_group:
-                group_norms = [torch.nn.utils.clip_grad_norm_(g["params"], NORM) for g in opt.param_groups]
-                norms.append(float(torch.stack(group_norms).norm()))
-            else:
-                norms.append(float(torch.nn.utils.clip_grad_norm_(params, NORM)))
-            opt.step()
-            opt.zero_grad()
-            done += 1
-            if done == STEPS:
-                break
-        epoch += 1
+    for idx in contract_batches(N, B, 0, STEPS):
+        model(x[idx], y[idx]).backward()
+        if per_group:
+            group_norms = [torch.nn.utils.clip_grad_norm_(g["params"], NORM) for g in opt.param_groups]
+            norms.append(float(torch.stack(group_norms).norm()))
+        else:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, NORM)))
+        opt.step()
+        opt.zero_grad()
     return norms
 
 

@@ -41,12 +41,18 @@ def clean_state_dict(model: nn.Module, copy: Callable[[str, torch.Tensor], torch
     gives back every key ``load_state_dict`` expects. ``copy(key, tensor)``, when given, makes the host copy
     of each tensor (by default CPU tensors are returned as they are, not copied).
     """
+    state = {strip_compiled(k): v for k, v in model.state_dict().items()}
+    # a module's get_extra_state() is checkpointed apart, never as a weight
+    return host_tensors({k: v for k, v in state.items() if not is_extra_key(k)}, copy)
+
+
+def host_tensors(tensors: dict[str, torch.Tensor], copy: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """CPU tensors that safetensors can write: ``copy(key, tensor)`` when given (staging buffers), else a move to
+    the CPU (a CPU tensor is returned as it is); tensors sharing memory or not contiguous are cloned."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        key = strip_compiled(key)
-        if is_extra_key(key):  # a module's get_extra_state(): checkpointed apart, never a weight
-            continue
+    for key, value in tensors.items():
         t = copy(key, value.detach()) if copy is not None else value.detach().to("cpu")
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen or not t.is_contiguous() or t.data_ptr() != ptr:

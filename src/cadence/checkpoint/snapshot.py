@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..version import __version__
+from ..weights import host_tensors
 from . import tree
 from .format import FORMAT, read_json, read_tensors
 from .staging import Staging
@@ -65,9 +66,9 @@ def capture(trainer: Trainer, staging: Staging | None = None) -> dict[str, Any]:
         **meta,
     }
     if ema is not None:
-        files["ema.safetensors"] = tree.host_copies(ema, copier("ema"))
+        files["ema.safetensors"] = host_tensors(ema, copier("ema"))
     if tensors:
-        files["state.safetensors"] = tree.host_copies(tensors, copier("state"))
+        files["state.safetensors"] = host_tensors(tensors, copier("state"))
     if staging is not None:  # a background writer must see the state of this step, not what the loop changes next
         files["trainer.json"] = json.loads(json.dumps(files["trainer.json"]))
         staging.finish()

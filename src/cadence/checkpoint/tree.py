@@ -57,18 +57,3 @@ def join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return [join(v, tensors) for v in value]
     return value
 
-
-def host_copies(tensors: dict[str, torch.Tensor], copy: Any = None) -> dict[str, torch.Tensor]:
-    """CPU tensors that safetensors can write: ``copy(key, tensor)`` when given (staging buffers), else a move to
-    the CPU; tensors sharing memory or not contiguous are cloned."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, value in tensors.items():
-        t = copy(key, value.detach()) if copy is not None else value.detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen or not t.is_contiguous() or t.data_ptr() != ptr:
-            t = t.contiguous().clone()
-        else:
-            seen.add(ptr)
-        out[key] = t
-    return out
