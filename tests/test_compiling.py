@@ -162,8 +162,8 @@ def test_compile_max_under_ddp_keeps_the_ranks_equal_and_close_to_eager(tmp_path
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), str(tmp_path),
                                tests, mode], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
+        assert proc.returncode == 0, proc.stderr[-6000:]
     eager, rank0, rank1 = (torch.load(tmp_path / f"{m}.pt") for m in ("false-0", "max-0", "max-1"))
     assert torch.equal(rank0, rank1)  # the ranks stay in step
     torch.testing.assert_close(rank0, eager, rtol=RTOL, atol=1e-5)

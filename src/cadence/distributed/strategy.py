@@ -73,7 +73,8 @@ class Strategy:
         return _NOTHING
 
     # ------------------------------------------------------------------------------------------- reductions
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+        """``tensor`` reduced over the ranks with ``op`` (the sum), in place."""
         return tensor
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -138,8 +139,13 @@ class DDPStrategy(Strategy):
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         return model.no_sync()
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)
+    def all_reduce(self, tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+        dist.all_reduce(tensor, op=op)
+        # Gloo's worker thread lets go of its own reference to the tensor a moment after the collective is done.
+        # Were that the last one, dropping it would need the GIL; while the interpreter exits, a thread that asks
+        # for the GIL is ended, and the process aborts ("terminate called without an active exception"). So the
+        # strategy keeps the last reduced tensor alive (until the strategy itself goes).
+        self._last_reduced = tensor
         return tensor
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -151,8 +157,7 @@ class DDPStrategy(Strategy):
     def max_values(self, values: list[float]) -> list[float]:
         """The largest of each value over all ranks (a host read: every rank must take the same branch)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.tolist()
+        return self.all_reduce(t, op=dist.ReduceOp.MAX).tolist()
 
     def barrier(self) -> None:
         dist.barrier()
