@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -194,7 +195,7 @@ def profile(case: Case, name: str, warmup: int, steps: int) -> None:
     clock.warmup, clock.total = warmup, warmup + steps
     loop_fn(name)(build(case.name), make_data(case.name, case.n), case, clock)
     print(f"\nprofile of `{name}` on {case.name}, {steps} steps (self CPU time, top 12):\n")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("ROWS", 12)), max_name_column_width=60))
     torch._inductor.config.cpp.enable_kernel_profile = False
     torch._inductor.config.fx_graph_cache = True
 

@@ -106,6 +106,59 @@ def test_a_graph_break_falls_back_to_fullgraph_false_with_one_message(capsys):
     assert t.step == 6 and all(torch.isfinite(torch.tensor(t.history["train/loss"])))
 
 
+class FeedForward(nn.Module):
+    """A transformer's feed-forward block over (batch, sequence, width): ReLU between two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x))).square().mean()
+
+
+def saved_dtypes(fn) -> list[torch.dtype]:
+    """The dtypes of the tensors autograd saves for the backward while ``fn()`` runs."""
+    saved: list[torch.dtype] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.slow
+def test_compiled_model_recomputes_the_relu_mask_instead_of_saving_it():
+    """torch.compile's default partitioner saves the ReLU's mask as a bool tensor for the backward here (and on
+    the CPU inductor's bool store costs more than fusion saves); cadence's compile recomputes views, so the mask
+    is recomputed from the activation saved anyway and no bool tensor is saved."""
+    x = torch.randn(4, 16, 8)
+    by_hand = torch.compile(FeedForward())
+    assert torch.bool in saved_dtypes(lambda: by_hand(x).backward())
+
+    t = Trainer(FeedForward(), torch.randn(16, 16, 8), forward=lambda m, b: m(b), batch_size=4, max_steps=2,
+                progress=False, compile=True)
+    saved = saved_dtypes(t.fit)
+    assert saved and torch.bool not in saved
+    assert t.history["train/loss"]
+
+
+def test_compile_options_reach_inductor_and_other_backends_are_kept():
+    from cadence.compiling import ViewRecomputingInductor, module_options
+
+    options = module_options({"mode": "max-autotune-no-cudagraphs", "dynamic": False,
+                              "options": {"epilogue_fusion": False}})
+    backend = options.pop("backend")
+    assert isinstance(backend, ViewRecomputingInductor) and options == {"dynamic": False}
+    assert backend.config["max_autotune"] is True and backend.config["epilogue_fusion"] is False
+    assert module_options({"backend": "eager", "mode": None}) == {"backend": "eager", "mode": None}
+    assert isinstance(module_options({"backend": "inductor"})["backend"], ViewRecomputingInductor)
+
+
 @pytest.mark.parametrize("kw, fix", [
     ({"compile": "fast"}, 'use False, True'),
     ({"compile": 1}, 'use False, True'),

@@ -8,6 +8,13 @@ for ``torch.optim.Adam``, ``AdamW`` and ``SGD``, with each group's learning rate
 that a schedule does not recompile it every step. torch.optim's ``step`` breaks the graph on purpose (around
 its ``no_grad``), so this function is never one full graph.
 
+With inductor (torch.compile's default backend) the model is compiled with AOTAutograd's partitioner told to
+recompute views instead of saving them (``torch._functorch.config.recompute_views``, which torch documents as
+"generally a good idea since views are free to recompute" but leaves off). Left off, a transformer's FFN saves
+its ReLU mask as a bool tensor for the backward, and on the CPU inductor's bool store costs more than the whole
+fusion saves; with it on, the backward recomputes the mask from the activation it saves anyway. Other backends
+are used as given.
+
 ``trainer.model`` stays the plain module: checkpoints, the EMA, exports and state-dict keys never see
 ``torch.compile``'s ``_orig_mod.`` prefix.
 """
@@ -28,6 +35,25 @@ if TYPE_CHECKING:
 
 # Optimizers whose step cadence compiles: their kernels take a tensor learning rate under torch.compile.
 COMPILED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+class ViewRecomputingInductor(torch._TorchCompileInductorWrapper):
+    """Inductor with ``mode`` and ``options`` as torch.compile gives them, partitioning with recomputed views."""
+
+    def __call__(self, model_: Any, inputs_: Any, **kwargs: Any) -> Any:
+        with torch._functorch.config.patch(recompute_views=True):
+            return super().__call__(model_, inputs_, **kwargs)
+
+
+def module_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.compile's keywords for the model: inductor (the default) becomes ``ViewRecomputingInductor``."""
+    options = dict(options)
+    if options.get("backend", "inductor") != "inductor":
+        return options
+    options.pop("backend", None)
+    backend = ViewRecomputingInductor(options.pop("mode", None), options.pop("options", None),
+                                      options.get("dynamic"))
+    return {**options, "backend": backend}
 
 
 class FullgraphFirst:
@@ -119,9 +145,10 @@ class Compiler:
                 parts.update = CompiledUpdate(parts, self.options)
 
     def _compile_module(self, module: nn.Module) -> nn.Module:
-        compiled = torch.compile(module, fullgraph=True, **self.options)
+        options = module_options(self.options)
+        compiled = torch.compile(module, fullgraph=True, **options)
         self.forward = FullgraphFirst(compiled.forward,
-                                      lambda: torch.compile(module, fullgraph=False, **self.options).forward,
+                                      lambda: torch.compile(module, fullgraph=False, **options).forward,
                                       self._say)
         compiled.forward = self.forward
         return compiled
