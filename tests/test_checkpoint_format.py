@@ -129,6 +129,29 @@ def test_every_file_and_the_folder_are_fsynced_before_the_rename(tmp_path, monke
     assert events[rename + 1:] == [("fsync", str(tmp_path))]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts open files through /proc")
+@pytest.mark.parametrize("nth", [1, 3])  # the fsync done in the calling thread, one done in a pool thread
+def test_a_failed_fsync_leaves_no_checkpoint_and_no_open_file(tmp_path, monkeypatch, nth):
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == nth:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    files = {"a.safetensors": {"w": torch.randn(4)}, "b.json": {"x": 1}, "c.safetensors": {"v": torch.ones(2)}}
+    write_checkpoint(tmp_path / "ckpt" / "step-1", files)  # the fsync threads exist before counting open files
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        write_checkpoint(tmp_path / "ckpt" / "step-2", files)
+    monkeypatch.undo()
+    assert len(calls) == 5  # every file, the manifest and the folder: all waited for, none left running
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-1"]  # no step-2, no temporary folder
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def as_format_1(folder: Path) -> None:
     """Rewrite a checkpoint as cadence wrote it before format 2: safetensors from the library, SHA-256."""
     for path in folder.glob("*.safetensors"):

@@ -15,7 +15,8 @@ import ctypes
 import os
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ _WRITE = 2  # SYNC_FILE_RANGE_WRITE: start the write-back, do not wait for it
 BIG = 2**20  # a piece this large starts its write-back at once; for a smaller one the syscall costs more
 _pool: ThreadPoolExecutor | None = None  # the fsync threads, kept between saves (starting them costs ~0.5 ms)
 _pool_lock = threading.Lock()
+_current: ContextVar[Unsynced | None] = ContextVar("cadence_unsynced", default=None)  # each thread its own
 
 
 def _sync_file_range() -> Any:
@@ -45,12 +47,38 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _WRITE)
 
 
-def write_pieces(path: Path, pieces: Iterable[Any], hasher: Any) -> int:
-    """Write ``pieces`` (buffers) as the new file ``path``, hashing each as it goes; its size. Write-back of each
-    large piece starts at once, so the disk works while the next one is produced; nothing is fsynced yet."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
-    size = 0
-    try:
+class Unsynced:
+    """Files being written, kept open from their write to their fsync (opening each a second time to fsync it
+    costs as much as the fsync of a small file's folder). ``sync`` makes all of them, and a folder, durable at
+    once. Inside ``with Unsynced():`` the batch is ``Unsynced.current()`` (of this thread); leaving the block
+    closes whatever is still open."""
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+        self._token: Any = None
+
+    def __enter__(self) -> Unsynced:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._token)
+        self.close()
+
+    @staticmethod
+    def current() -> Unsynced:
+        batch = _current.get()
+        if batch is None:
+            raise RuntimeError("checkpoint files are written inside `with Unsynced():`")
+        return batch
+
+    def write(self, path: Path, pieces: Iterable[Any], hasher: Any) -> int:
+        """Write ``pieces`` (buffers) as the new file ``path``, hashing each as it goes; its size. Write-back of
+        each large piece starts at once, so the disk works while the next one is produced; nothing is fsynced
+        yet."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)  # umask
+        self._fds.append(fd)
+        size = 0
         for piece in pieces:
             view = memoryview(piece).cast("B")
             hasher.update(view)
@@ -60,30 +88,40 @@ def write_pieces(path: Path, pieces: Iterable[Any], hasher: Any) -> int:
             if len(view) >= BIG:
                 start_writeback(fd, size, len(view))
             size += len(view)
-    finally:
-        os.close(fd)
-    return size
+        return size
 
-
-def fsync_files(paths: Iterable[Path], folder: Path | None = None) -> None:
-    """Make the bytes of every file in ``paths`` durable, and the names in ``folder`` if given: fsync them all at
-    once, from one thread each. Concurrent fsyncs share the journal commit and the disk cache flush that each
-    one alone would wait for in turn."""
-    fds = []
-    try:
-        for path in paths:
-            fds.append(os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0)))
+    def sync(self, folder: Path | None = None) -> None:
+        """Make the bytes of every file written here durable, and the names in ``folder`` if given: fsync them
+        all at once, from one thread each (concurrent fsyncs share the journal commit and the disk cache flush
+        that each one alone would wait for in turn); then close them."""
         if folder is not None and (fd := _open_dir(folder)) is not None:
-            fds.append(fd)
+            self._fds.append(fd)
+        fds = self._fds
         try:
-            if len(fds) > 1:
-                list(_fsync_pool().map(os.fsync, fds))  # re-raises the first error
-                return
-        except RuntimeError:  # the interpreter is shutting down: no new threads, one fsync after the other
-            pass
-        for fd in fds:
-            os.fsync(fd)
-    finally:
+            threads: list[Future[None]] = []
+            try:
+                for fd in fds[1:]:
+                    threads.append(_fsync_pool().submit(os.fsync, fd))
+            except RuntimeError:  # the interpreter is shutting down: no new threads, the rest here in turn
+                pass
+            error: Exception | None = None
+            for fd in fds[:1] + fds[1 + len(threads):]:
+                try:
+                    os.fsync(fd)
+                except Exception as err:  # every fsync is waited for before any file is closed
+                    error = error or err
+            for thread in threads:
+                try:
+                    thread.result()
+                except Exception as err:
+                    error = error or err
+            if error is not None:
+                raise error
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
 

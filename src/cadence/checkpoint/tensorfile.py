@@ -71,9 +71,16 @@ def raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> TensorFile | bytes:
     """``tensors`` as a safetensors file; ``bytes`` (from the library) where the fast path does not apply."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tensors = {k: _host(v) for k, v in tensors.items()}
     if sys.byteorder != "little" or any(v.dtype not in DTYPES for v in tensors.values()):
         return save_safetensors(tensors)
     # the widest dtypes first, each group by name: every tensor starts aligned to its own element size
