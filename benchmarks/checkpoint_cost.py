@@ -14,6 +14,8 @@ process, repeat:
 
 Cases: ``small`` is 4 x Linear(128, 128) (a checkpoint under 1 MB, where fixed costs dominate), ``large`` is
 8 x Linear(1024, 1024) (a 96 MB checkpoint, where the bytes do). Medians of the repeats, with min-max.
+The two resumes run in alternating order, each after ``fresh_heap()`` (the GC, then glibc's ``malloc_trim``),
+so neither reuses memory the other just freed: both pay for fresh pages, as a resume in a new process does.
 
 usage: python benchmarks/checkpoint_cost.py [--case small|large|both] [--repeats 7]
 """
@@ -21,6 +23,7 @@ usage: python benchmarks/checkpoint_cost.py [--case small|large|both] [--repeats
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import shutil
@@ -29,13 +32,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import median, spread, timed
+from common import median, rotated, spread, timed
 from torch import nn
 
 from cadence import Trainer
 from cadence.checkpoint.snapshot import restore
 from cadence.checkpoint.store import find_resume
 
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
 CASES = {"small": (128, 4), "large": (1024, 8)}
 GOAL_SAVE, GOAL_RESUME = 1.5, 1.3  # issue 17: against torch.save + fsync, and torch.load(weights_only=True)
 
@@ -69,6 +76,14 @@ def hand_save(state: dict, path: Path, durable: bool) -> None:
         fsync_path(path.parent)
 
 
+def fresh_heap() -> None:
+    """Free what is garbage and hand the allocator's free memory back to the OS (glibc), so that the next
+    resume allocates fresh pages, as a resume in a new process does, whichever ran before it."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 def cadence_resume(trainer: Trainer) -> None:
     restore(trainer, find_resume("auto", trainer.checkpoints))
 
@@ -91,23 +106,34 @@ def run_case(root: Path, width: int, depth: int, repeats: int) -> tuple[float, d
     (root / "hand").mkdir()
     for i in range(repeats):
         sync.step = background.step = 100 + i  # a new folder each time
-        times["sync"].append(timed(sync.save_checkpoint))
+        state = {"model": sync.model.state_dict(), "optimizer": sync.optimizer.state_dict()}
+        hand_file = root / "hand" / f"durable-{i}.pt"
+        # the synchronous saves at equal durability, in alternating order
+        for which in rotated(["cadence", "hand"], i):
+            if which == "cadence":
+                times["sync"].append(timed(sync.save_checkpoint))
+            else:
+                times["durable"].append(timed(hand_save, state, hand_file, durable=True))
         t = time.perf_counter()
         background.save_checkpoint()  # returns once the state is copied into the host buffers
         times["stall"].append(time.perf_counter() - t)
         background._saver.wait()
         times["async"].append(time.perf_counter() - t)
-        resumed = make_trainer(root / "sync", width, depth, background=False, resume=True)  # built: not timed
-        times["resume"].append(timed(cadence_resume, resumed))
-        assert resumed.step == sync.step
-        del resumed  # both resumes start with the memory the other one freed (a Trainer is freed by the GC)
-        gc.collect()
-        state = {"model": sync.model.state_dict(), "optimizer": sync.optimizer.state_dict()}
         times["bare"].append(timed(hand_save, state, root / "hand" / f"bare-{i}.pt", durable=False))
-        hand_file = root / "hand" / f"durable-{i}.pt"
-        times["durable"].append(timed(hand_save, state, hand_file, durable=True))
-        times["hand_resume"].append(timed(hand_resume, hand_file, *hand_model(width, depth)))
-        gc.collect()
+        # the resumes: built untimed, in alternating order, each from a heap with nothing left to reuse
+        for which in rotated(["cadence", "hand"], i):
+            if which == "cadence":
+                resumed = make_trainer(root / "sync", width, depth, background=False, resume=True)
+                fresh_heap()
+                times["resume"].append(timed(cadence_resume, resumed))
+                assert resumed.step == sync.step
+                del resumed  # a Trainer is freed by the GC: fresh_heap() collects it
+            else:
+                model, optimizer = hand_model(width, depth)
+                fresh_heap()
+                times["hand_resume"].append(timed(hand_resume, hand_file, model, optimizer))
+                del model, optimizer
+            fresh_heap()
     return size_mb, times
 
 

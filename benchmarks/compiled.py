@@ -31,6 +31,7 @@ hand-compiled loop. Where it is missed, ``--profile`` (on by default when missed
     .venv/bin/python benchmarks/compiled.py                     # both cases, 5 repeats (about 6 minutes on 2 cores)
     .venv/bin/python benchmarks/compiled.py --quick             # smoke run: few steps, 1 repeat
     .venv/bin/python benchmarks/compiled.py --cases lm --repeats 9 --loops hand,hand-compiled,compile,max
+    ROWS=80 .venv/bin/python benchmarks/compiled.py --cases lm --loops hand,max --profile always  # longer profile
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ def profile(case: Case, name: str, warmup: int, steps: int) -> None:
     clock: Any = During()
     clock.warmup, clock.total = warmup, warmup + steps
     loop_fn(name)(build(case.name), make_data(case.name, case.n), case, clock)
-    print(f"\nprofile of `{name}` on {case.name}, {steps} steps (self CPU time, top 12):\n")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("ROWS", 12)), max_name_column_width=60))
+    rows = int(os.environ.get("ROWS", 12))
+    print(f"\nprofile of `{name}` on {case.name}, {steps} steps (self CPU time, top {rows}):\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
     torch._inductor.config.cpp.enable_kernel_profile = False
     torch._inductor.config.fx_graph_cache = True
 
