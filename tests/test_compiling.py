@@ -106,6 +106,49 @@ def test_a_graph_break_falls_back_to_fullgraph_false_with_one_message(capsys):
     assert t.step == 6 and all(torch.isfinite(torch.tensor(t.history["train/loss"])))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", [{"schedule": "constant"},  # a warm-up from lr 0
+                                      {"schedule": "multistep", "milestones": [6], "gamma": 0.0}])  # then lr 0
+def test_max_steps_at_a_zero_learning_rate_like_eager(schedule):
+    """Compiled, torch's Adam takes its capturable form, which divides by the learning rate: at lr 0 (the first
+    step of a warm-up from 0, the last of a decay to 0) weights whose gradients are exactly 0 became NaN.
+    cadence takes such a step eagerly."""
+    x, y = make_data(64)
+    x[:, 7] = 0.0  # an input that is always 0: its first-layer weights get gradients of exactly 0
+    runs = {}
+    for mode in (False, "max"):
+        t = Trainer(MLP(seed=0), (x, y), batch_size=16, max_steps=12, lr=1e-2, warmup_steps=3, weight_decay=0.01,
+                    max_grad_norm=1.0, log_every=1, progress=False, compile=mode, **schedule)
+        t.fit()
+        runs[mode] = t
+    for p, q in zip(runs[False].model.parameters(), runs["max"].model.parameters()):
+        assert torch.isfinite(q).all()
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(curve(runs["max"]), curve(runs[False]), rtol=RTOL, atol=ATOL)
+
+
+def test_torch_optims_own_record_function_warning_is_dropped_only_while_the_step_compiles(caplog):
+    """torch.compile warns that torch.optim's own profiler ``record_function`` is ignored when it compiles the
+    optimizer step; cadence drops that warning there, and only there."""
+    import logging
+
+    from cadence.compiling import QuietOptimizerProfiler
+
+    quiet = QuietOptimizerProfiler()
+    quiet.install()
+    log = logging.getLogger("torch._dynamo.variables.ctx_manager")
+    try:
+        with caplog.at_level(logging.WARNING, logger=log.name):
+            with quiet:
+                log.warning(QuietOptimizerProfiler.MESSAGE, "record_function")
+                log.warning("another warning")
+            log.warning(QuietOptimizerProfiler.MESSAGE, "record_function")
+    finally:
+        log.removeFilter(quiet)
+    assert [r.getMessage() for r in caplog.records] == [
+        "another warning", "Profiler record function record_function will be ignored"]
+
+
 class FeedForward(nn.Module):
     """A transformer's feed-forward block over (batch, sequence, width): ReLU between two linear layers."""
 

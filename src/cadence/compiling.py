@@ -21,6 +21,7 @@ are used as given.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -78,18 +79,50 @@ class FullgraphFirst:
             return self.call(*args, **kwargs)
 
 
+class QuietOptimizerProfiler(logging.Filter):
+    """While cadence compiles the optimizer step, drops torch.compile's warning that a profiler
+    ``record_function`` is ignored: the one it meets there is torch.optim's own (``Optimizer.step#AdamW.step``),
+    not the user's, and the warning read like a fault in the middle of the progress lines. Elsewhere (a
+    ``record_function`` in the user's model) the warning stays."""
+
+    MESSAGE = "Profiler record function %s will be ignored"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+
+    def install(self) -> None:
+        logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
+        if self not in logger.filters:
+            logger.addFilter(self)
+
+    def __enter__(self) -> None:
+        self.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and record.msg == self.MESSAGE)
+
+
+_QUIET = QuietOptimizerProfiler()
+
+
 class CompiledUpdate:
     """``compile="max"``: the clip and the optimizer step of the step, compiled as one function.
 
     The learning rates stay floats in ``param_groups`` (what the schedule writes and the records read); for
     the compiled call each group's rate is copied into a 0-dim tensor of its own, so a new rate is new data,
-    not a new constant to recompile for.
+    not a new constant to recompile for. A step where a group's rate is 0 runs eagerly.
     """
 
     def __init__(self, parts: StepParts, options: Mapping[str, Any]) -> None:
         self.parts = parts
         self._lrs: dict[int, torch.Tensor] = {}
         self._fn = torch.compile(self._update, **options)
+        self.compiled_calls = 0
+        _QUIET.install()
 
     def _update(self) -> torch.Tensor | None:
         grad_norm = clip(self.parts)
@@ -99,6 +132,10 @@ class CompiledUpdate:
     def __call__(self, parts: StepParts) -> torch.Tensor | None:
         groups = parts.optimizer.param_groups
         floats = [g["lr"] for g in groups]
+        if 0.0 in floats:
+            # Compiled, torch's Adam takes its capturable form, which divides by the learning rate: at 0 (the
+            # first step of a warm-up from 0, a decay to 0) weights whose gradient is exactly 0 would become NaN.
+            return self._update()
         for i, (group, value) in enumerate(zip(groups, floats)):
             t = self._lrs.get(i)
             if t is None:
@@ -108,7 +145,10 @@ class CompiledUpdate:
             t.fill_(value)
             group["lr"] = t
         try:
-            return self._fn()
+            with _QUIET:
+                grad_norm = self._fn()
+            self.compiled_calls += 1
+            return grad_norm
         finally:
             for group, value in zip(groups, floats):
                 group["lr"] = value
@@ -123,6 +163,7 @@ class Compiler:
         self._source: nn.Module | None = None  # the module compiled last (the model, or its DDP wrapper)
         self.forward: FullgraphFirst | None = None
         self.update_note = ""
+        self.update: CompiledUpdate | None = None
 
     @property
     def enabled(self) -> bool:
@@ -142,7 +183,7 @@ class Compiler:
             if why:
                 self.update_note = f"; the clip and the optimizer step stay eager ({why})"
             else:
-                parts.update = CompiledUpdate(parts, self.options)
+                parts.update = self.update = CompiledUpdate(parts, self.options)
 
     def _compile_module(self, module: nn.Module) -> nn.Module:
         options = module_options(self.options)
@@ -176,9 +217,12 @@ class Compiler:
             seconds = time.perf_counter() - start
             fullgraph = self.forward is None or self.forward.fullgraph
             what = "model" if self.setting is True else "model, clip and optimizer step"
+            later = ""
+            if self.update is not None and not self.update.compiled_calls:  # a first step at learning rate 0
+                what, later = "model", "; the clip and optimizer step compile at the first step whose lr is not 0"
             trainer.progress.message(f"compile: step {trainer.step} took {seconds:.1f} s, compiling the {what} "
                                      f"(mode={self.options.get('mode', 'default')}, fullgraph={fullgraph})"
-                                     + self.update_note)
+                                     + later + self.update_note)
             trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": "train",
                            "event": "compile", "seconds": seconds, "compile": self.setting,
                            "fullgraph": fullgraph})
