@@ -207,6 +207,9 @@ def test_compile_options_reach_inductor_and_other_backends_are_kept():
     ({"compile": 1}, 'use False, True'),
     ({"compile": True, "compile_options": {"fullgraph": True}}, "cadence sets fullgraph itself"),
     ({"compile_options": {"mode": "reduce-overhead"}}, "set compile=True"),
+    ({"compile": True, "compile_options": {"mode": "fast"}}, r"\(Unrecognized mode=fast.*list_mode_options"),
+    ({"compile": "max", "compile_options": {"backend": "nope"}}, r"Invalid backend: 'nope'.*list_backends"),
+    ({"compile": True, "compile_options": {"options": {"nosuch": 1}}}, r"option nosuch\);.*list_options\(\)\.$"),
 ])
 def test_bad_compile_arguments_name_the_fix(kw, fix):
     with pytest.raises(ConfigError, match=fix):

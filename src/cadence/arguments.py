@@ -129,6 +129,13 @@ def check_compile(a: dict[str, Any]) -> None:
                   "keywords; cadence sets fullgraph itself), e.g. {mode: max-autotune-no-cudagraphs}.")
     if not a["compile"]:
         raise bad("compile_options", dict(options), "they apply only when compiling; set compile=True or \"max\".")
+    from .compiling import check_options
+
+    problem = check_options(options)
+    if problem:
+        raise bad("compile_options", dict(options), f"torch.compile refuses them ({problem}); modes are those of "
+                  "torch._inductor.list_mode_options(), backends those of torch._dynamo.list_backends(), and "
+                  "options those of torch._inductor.list_options().")
 
 
 def check_data(a: dict[str, Any]) -> None:

@@ -57,6 +57,18 @@ def module_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**options, "backend": backend}
 
 
+def check_options(options: Mapping[str, Any]) -> str:
+    """What torch.compile would refuse in ``options`` (an unknown mode, backend or inductor option), or ""."""
+    try:
+        backend = module_options(options)["backend"]  # inductor's wrapper checks the mode and its options
+        if isinstance(backend, str):
+            torch._dynamo.lookup_backend(backend)
+    except Exception as err:  # torch raises RuntimeError, InvalidBackend, ...: its message names the value
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return text.split(", known options are")[0][:300]  # not the list of all of inductor's options
+    return ""
+
+
 class FullgraphFirst:
     """A compiled module's forward: ``fullgraph=True`` first; at a graph break, ``fullgraph=False`` for good."""
 
