@@ -177,6 +177,7 @@ def check_calls(a: dict[str, Any]) -> None:
             raise bad(key, dict(value), "forward=callable(model, batch) makes the call itself; pass the keywords "
                       "inside it, or drop forward.")
     check_options(a["optimizer"], a.get("optimizer_options"))
+    check_fused(a)
     for key in ("clip_per_group", "val_at_start"):
         if not isinstance(a.get(key, False), bool):
             raise bad(key, a[key], "use true or false.")
@@ -184,6 +185,24 @@ def check_calls(a: dict[str, Any]) -> None:
         raise bad("clip_per_group", True, "it clips each parameter group to max_grad_norm; set max_grad_norm too.")
     if a.get("val_at_start") and not has_val(a):
         raise bad("val_at_start", True, "there is no validation data; pass val_data or valid_frac.")
+
+
+def check_fused(a: dict[str, Any]) -> None:
+    """``fused`` is None, True or False, for an optimizer by name that has a fused kernel, and agrees with
+    ``optimizer_options["fused"]`` when both are given."""
+    fused = a.get("fused")
+    if fused is None:
+        return
+    if not isinstance(fused, bool):
+        raise bad("fused", fused, "use true (the fused kernel, CPU and CUDA), false (never) or null (CUDA only).")
+    if not isinstance(a["optimizer"], str):
+        raise bad("fused", fused, "it picks the kernel of an optimizer chosen by name; give your callable or "
+                  "class fused=... itself, or name the optimizer (adamw, adam, sgd).")
+    if fused and a["optimizer"].lower() == "lion":
+        raise bad("fused", fused, "lion has no fused kernel; use adamw, adam or sgd, or leave fused unset.")
+    given = (a.get("optimizer_options") or {}).get("fused")
+    if given is not None and given != fused:
+        raise bad("fused", fused, f"optimizer_options says fused={given!r}; give it once.")
 
 
 def check_plateau_and_eval(a: dict[str, Any]) -> None:

@@ -73,6 +73,8 @@ def build_training(t: Trainer, a: SimpleNamespace) -> None:
                           tuple(a.milestones), a.gamma, a.schedule_unit, t.steps_per_epoch, a.plateau)
     t.lr, t.weight_decay, t._optimizer_spec = a.lr, a.weight_decay, a.optimizer
     t._optimizer_options, t._param_overrides = dict(a.optimizer_options or {}), dict(a.param_groups or {})
+    if a.fused is not None:
+        t._optimizer_options["fused"] = a.fused
     t.optimizer = None
     t.stage_index = None
     t.step = 0

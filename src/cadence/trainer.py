@@ -48,6 +48,8 @@ class Trainer:
         max_epochs: passes over the training data (the run ends at whichever limit comes first).
         optimizer: "adamw", "adam", "sgd", "lion", a callable param_groups -> Optimizer, or an instance.
         optimizer_options: options of an optimizer by name, e.g. {"betas": (0.9, 0.99), "eps": 1e-8}.
+        fused: True picks PyTorch's fused kernel of an optimizer by name on the CPU too (not bitwise to the
+            default one), False never; None: fused on CUDA only (optimizer_options={"fused": ...} alike).
         lr: the peak learning rate.
         weight_decay: decoupled weight decay, applied to tensors of 2+ dimensions only.
         warmup_steps: steps of linear warm-up from warmup_start_lr to lr.
@@ -125,7 +127,8 @@ class Trainer:
         self, model: nn.Module, train_data: Any, *,
         val_data: Any = None, batch_size: int = 32, max_steps: int | None = None, max_epochs: int | None = None,
         # the optimizer and the schedule
-        optimizer: OptimizerSpec = "adamw", optimizer_options: Mapping[str, Any] | None = None, lr: float = 1e-3,
+        optimizer: OptimizerSpec = "adamw", optimizer_options: Mapping[str, Any] | None = None,
+        fused: bool | None = None, lr: float = 1e-3,
         weight_decay: float = 0.0, warmup_steps: int = 0, warmup_start_lr: float = 0.0,
         schedule: str | Callable[[int], float] = "constant", min_lr: float = 0.0, milestones: Sequence[int] = (),
         gamma: float = 0.1, schedule_unit: str = "step", plateau: Plateau | None = None,
