@@ -143,16 +143,21 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_all(tmp_path: Path) -> None:
     assert_equal(weights(tmp_path, 0), weights(tmp_path, 1))
 
 
-def test_cadence_fit_nproc_launches_through_torchrun(tmp_path: Path) -> None:
-    run = tmp_path / "run"
+@pytest.mark.parametrize("given", [True, False], ids=["run-dir", "default-folder"])
+def test_cadence_fit_nproc_launches_through_torchrun(tmp_path: Path, given: bool) -> None:
+    """With checkpoints: the launcher's one check of the config knows the workers get a run folder (the one
+    given, or the default one it makes)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    folder = ["--run-dir", str(tmp_path / "run")] if given else []
     proc = subprocess.run([sys.executable, "-m", "cadence", "fit", "--nproc", "2", "--master-port", str(free_port()),
                            "--trainer.max_steps", "12", "--trainer.warmup_steps", "2", "--trainer.device", "cpu",
-                           "--trainer.progress", "false", "--run-dir", str(run)],
+                           "--trainer.progress", "false", "--trainer.checkpoint_every", "6", *folder],
                           capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: step=12") == 1  # rank 0 alone reports
+    run = tmp_path / "run" if given else next((tmp_path / "runs").iterdir())
     assert (run / "config.yaml").exists() and (run / "final" / "model.safetensors").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000006", "step-000000012"]
 
 
 def test_augmented_items_are_the_same_at_one_and_two_processes_and_resume_bitwise(tmp_path: Path) -> None:

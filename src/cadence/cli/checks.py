@@ -40,6 +40,8 @@ def check_trainer_values(cfg: Any) -> None:
     values = {k: p.default for k, p in inspect.signature(Trainer).parameters.items()}
     values.update(cfg.trainer.as_dict() if hasattr(cfg.trainer, "as_dict") else dict(cfg.trainer))
     values.update(model=nn.Module(), train_data=cfg.get("data"), val_data=cfg.get("val_data"))
+    # the workers always get a run folder: --run-dir, --resume's, or the one the launcher makes
+    values.update(run_dir=cfg.get("run_dir") or cfg.get("resume") or "runs")
     try:
         check_basic(values)
     except ConfigError:
