@@ -100,6 +100,8 @@ def launch(argv: list[str], check: Callable[[list[str]], None]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     os.environ[LAUNCHER_PID] = str(os.getpid())
+    if known.nproc > 1:  # what torchrun does too, without its four-line banner about it
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     # torchrun's "failed (exitcode: 2)" and "Sending process closing signal" lines: the workers say it better
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     note = waiting_note(known)
