@@ -2,8 +2,9 @@
 
 usage: dist_worker.py OUT_DIR [--strategy S] [--grad-accum N] [--steps N] [--checkpoint-every N] [--resume]
                               [--crash-at-step N --crash-rank R] [--nan-at-step N] [--signal-at-step N --signal-rank R]
-                              [--augment]
-Writes OUT_DIR/weights-rank{R}.safetensors with the final weights of each rank.
+                              [--augment] [--stream]
+Writes OUT_DIR/weights-rank{R}.safetensors with the final weights of each rank (and with --stream,
+OUT_DIR/items-rank{R}.txt: the items that rank's iterable yielded, one line per epoch started).
 """
 
 from __future__ import annotations
@@ -54,6 +55,42 @@ class Augmented(torch.utils.data.Dataset):
         return self.x[i] + 0.1 * torch.randn(8) + random.random(), self.y[i]
 
 
+class RankShare(torch.utils.data.IterableDataset):
+    """A stream of this rank's share of the items (item i goes to rank i % world size), in an order shuffled
+    anew each epoch, with state: for --stream. Appends each epoch's yielded items to ``log``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, log: Path) -> None:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.items = list(range(rank, len(x), world))
+        self.x, self.y, self.log = x, y, log
+        self.epoch, self.pos = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.pos = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        order = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        with self.log.open("a") as log:
+            log.write(f"\nepoch {self.epoch} from {self.pos}:")
+            while self.pos < len(order):
+                i = self.items[order[self.pos]]
+                self.pos += 1
+                log.write(f" {i}")
+                log.flush()
+                yield self.x[i], self.y[i]
+        self.epoch, self.pos = self.epoch + 1, 0
+
+
 class Fault:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -82,6 +119,7 @@ def main() -> None:
     parser.add_argument("--nan-at-step", type=int, default=None)
     parser.add_argument("--nan-rank", type=int, default=1)
     parser.add_argument("--augment", action="store_true", help="train on a map-style dataset with random noise")
+    parser.add_argument("--stream", action="store_true", help="train on a stateful stream of this rank's items")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -93,7 +131,9 @@ def main() -> None:
     if args.nan_at_step is not None and int(os.environ.get("RANK", 0)) == args.nan_rank:
         model.nan_at = args.nan_at_step
     run_dir = out / "run" if args.checkpoint_every else None
-    train = Augmented(x, y) if args.augment else (x, y)
+    rank = int(os.environ.get("RANK", 0))
+    train = Augmented(x, y) if args.augment else RankShare(x, y, out / f"items-rank{rank}.txt") if args.stream \
+        else (x, y)
     trainer = Trainer(model, train, val_data=(x[:30], y[:30]), batch_size=args.batch_size, max_steps=args.steps,
                       grad_accum=args.grad_accum, lr=0.05, schedule="cosine", warmup_steps=2, max_grad_norm=1.0,
                       val_every=5, log_every=3, strategy=args.strategy, device="cpu", progress=False,
@@ -101,7 +141,6 @@ def main() -> None:
                       resume="auto" if args.resume else None, callbacks=[Fault(args)],
                       on_nonfinite="skip" if args.nan_at_step else "raise")
     trainer.fit()
-    rank = int(os.environ.get("RANK", 0))
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(out / f"weights-rank{rank}.safetensors"))
