@@ -122,9 +122,11 @@ def test_a_signal_to_the_launcher_stops_every_worker_at_one_step(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_a_signal_during_validation_stops_every_rank_within_one_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])  # FSDP: every forward is collective; the ranks agree per batch
+def test_a_signal_during_validation_stops_every_rank_within_one_batch(tmp_path: Path, strategy: str) -> None:
     proc = start(tmp_path, "--model.delay", "0", "--model.val_delay", "2", "--val_data.class_path",
-                 "cadence.demo.Digits", "--val_data.n", "256", "--trainer.val_every", "1")
+                 "cadence.demo.Digits", "--val_data.n", "256", "--trainer.val_every", "1",
+                 "--trainer.strategy", strategy)
     markers = [tmp_path / "validating-0", tmp_path / "validating-1"]
     wait_for(markers, proc)
     proc.send_signal(signal.SIGUSR1)

@@ -18,12 +18,13 @@ class ValidationStopped(Exception):
     """A stop signal arrived during validation: the pass ended early and its partial sums are discarded."""
 
 
-def stop_check(signals: Any, strategy: Any) -> tuple[Any, Any]:
-    """``(stop, agree)`` for :func:`evaluate`: only during ``fit()`` (a test pass after a stopped fit runs whole).
-    Where every forward is collective (FSDP), a pass is never cut short (the stop comes at the next step)."""
-    if strategy.collective_forward or not signals.active:
-        return None, None
-    return signals, strategy.max_values
+def stop_check(signals: Any, strategy: Any) -> tuple[Any, Any, bool]:
+    """``(stop, agree, each_batch)`` for :func:`evaluate`: only during ``fit()`` (a test pass after a stopped
+    fit runs whole). Where every forward is collective (FSDP), the ranks agree after every batch, so that all
+    of them stop at the same one."""
+    if not signals.active:
+        return None, None, False
+    return signals, strategy.max_values, strategy.collective_forward
 
 
 @torch.no_grad()
@@ -34,7 +35,8 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
              all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
              forward_kwargs: Mapping[str, Any] | None = None,
              part_names: Sequence[str] | None = None,
-             stop: Any = None, agree: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+             stop: Any = None, agree: Callable[[list[float]], list[float]] | None = None,
+             agree_each_batch: bool = False) -> dict[str, float]:
     """Means weighted by batch size (or ``num_items``), in eval mode; the model's mode is restored after.
 
     ``forward_kwargs`` are added to every model call (the Trainer's ``val_forward_kwargs``); ``part_names``
@@ -46,7 +48,8 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
     ``stop`` (the fit's :class:`~cadence.signals.StopSignals`) is looked at after each batch: once a stop signal
     has arrived the pass ends there and :class:`ValidationStopped` is raised, so a long validation never
     outlasts a scheduler's grace period. With several processes ``agree`` (the strategy's ``max_values``)
-    makes every rank, at the end of its own pass, discard the validation if any rank stopped.
+    makes every rank, at the end of its own pass, discard the validation if any rank stopped; with
+    ``agree_each_batch`` (FSDP, where each forward needs every rank) they agree after every batch instead.
     """
     was_training = model.training
     model.eval()
@@ -70,7 +73,10 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
             for k, v in values.items():
                 sums[k] = v if k not in sums else sums[k] + v
             total = total + weight
-            if stop is not None and stop.received is not None:  # a Python attribute check per batch
+            if stop is not None and agree_each_batch and agree is not None:
+                if agree([float(stop.received is not None)])[0] > 0:  # a tiny collective per batch
+                    break
+            elif stop is not None and stop.received is not None:  # a Python attribute check per batch
                 break
     finally:
         model.train(was_training)

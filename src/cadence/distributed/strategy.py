@@ -44,7 +44,7 @@ class Strategy:
 
     name = "single"
     sharded = False  # each rank holds only a shard of the weights and of the optimizer state
-    collective_forward = False  # every forward is a collective (a validation pass cannot stop on one rank)
+    collective_forward = False  # every forward is a collective: a validation pass stops on all ranks at once
     writes_together = False  # several processes write each checkpoint into one folder
 
     def __init__(self, env: DistEnv, device: torch.device) -> None:
