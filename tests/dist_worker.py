@@ -2,7 +2,7 @@
 
 usage: dist_worker.py OUT_DIR [--strategy S] [--grad-accum N] [--steps N] [--checkpoint-every N] [--resume]
                               [--crash-at-step N --crash-rank R] [--nan-at-step N] [--signal-at-step N --signal-rank R]
-                              [--augment] [--stream]
+                              [--augment] [--stream] [--unused [--find-unused]]
 Writes OUT_DIR/weights-rank{R}.safetensors with the final weights of each rank (and with --stream,
 OUT_DIR/items-rank{R}.txt: the items that rank's iterable yielded, one line per epoch started).
 """
@@ -26,9 +26,10 @@ from cadence import Trainer  # noqa: E402
 
 
 class Model(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, unused: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.spare = nn.Linear(3, 3) if unused else None  # a head no step uses (--unused)
         self.nan_at: int | None = None
         self.calls = 0
 
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--nan-rank", type=int, default=1)
     parser.add_argument("--augment", action="store_true", help="train on a map-style dataset with random noise")
     parser.add_argument("--stream", action="store_true", help="train on a stateful stream of this rank's items")
+    parser.add_argument("--unused", action="store_true", help="the model has parameters no step uses")
+    parser.add_argument("--find-unused", action="store_true", help="find_unused_parameters=True")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -127,7 +130,7 @@ def main() -> None:
     x = torch.randn(100, 8, generator=gen)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     torch.manual_seed(1)
-    model = Model()
+    model = Model(unused=args.unused)
     if args.nan_at_step is not None and int(os.environ.get("RANK", 0)) == args.nan_rank:
         model.nan_at = args.nan_at_step
     run_dir = out / "run" if args.checkpoint_every else None
@@ -139,7 +142,8 @@ def main() -> None:
                       val_every=5, log_every=3, strategy=args.strategy, device="cpu", progress=False,
                       run_dir=run_dir, checkpoint_every=args.checkpoint_every,
                       resume="auto" if args.resume else None, callbacks=[Fault(args)],
-                      on_nonfinite="skip" if args.nan_at_step else "raise")
+                      on_nonfinite="skip" if args.nan_at_step else "raise",
+                      find_unused_parameters=args.find_unused)
     trainer.fit()
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
              for k, v in model.state_dict().items()}

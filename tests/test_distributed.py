@@ -160,6 +160,15 @@ def test_cadence_fit_nproc_launches_through_torchrun(tmp_path: Path, given: bool
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000006", "step-000000012"]
 
 
+def test_find_unused_parameters_lets_ddp_train_a_model_with_parameters_no_step_uses(tmp_path: Path) -> None:
+    refused = torchrun(tmp_path / "refused", "--unused", "--steps", "3")
+    assert refused.returncode != 0 and "find_unused_parameters" in refused.stderr  # DDP's own error names it
+    proc = torchrun(tmp_path / "found", "--unused", "--find-unused", "--steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_equal(weights(tmp_path / "found", 0), weights(tmp_path / "found", 1))
+    assert "spare.weight" in weights(tmp_path / "found", 0)
+
+
 def streamed_items(out: Path, rank: int) -> list[int]:
     """The items rank ``rank``'s stream yielded, in order, over every run into ``out``."""
     text = (out / f"items-rank{rank}.txt").read_text()

@@ -178,7 +178,7 @@ def check_calls(a: dict[str, Any]) -> None:
                       "inside it, or drop forward.")
     check_options(a["optimizer"], a.get("optimizer_options"))
     check_fused(a)
-    for key in ("clip_per_group", "val_at_start"):
+    for key in ("clip_per_group", "val_at_start", "find_unused_parameters"):
         if not isinstance(a.get(key, False), bool):
             raise bad(key, a[key], "use true or false.")
     if a.get("clip_per_group") and a["max_grad_norm"] is None:

@@ -39,7 +39,7 @@ def build_backend(t: Trainer, a: SimpleNamespace) -> None:
     """The device, the process group and the strategy; the precision; the model on its device."""
     t.device = resolve_device(a.device, read_env().local_device)
     t.env = init_distributed(t.device)
-    t.strategy = make_strategy(a.strategy, t.env, t.device)
+    t.strategy = make_strategy(a.strategy, t.env, t.device, a.find_unused_parameters)
     t.strategy.check(vars(a))
     t.is_main, t.world_size, t.rank = t.env.is_main, t.env.world_size, t.env.rank
     t.precision = Precision(a.precision, t.device)

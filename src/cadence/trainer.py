@@ -117,6 +117,8 @@ class Trainer:
         inputs: names of a tuple batch's fields, passed to forward as keyword arguments.
         loss_weights: {"part": weight}: the loss is the weighted sum of these parts.
         strategy: "auto" (DDP when torchrun started several processes), "single", "ddp" or "fsdp" (FSDP2).
+        find_unused_parameters: DDP's own option, for a model whose steps leave some parameters without a
+            gradient (a branch not taken); it costs a pass over the autograd graph each step. No effect otherwise.
         loggers: where records go besides metrics.jsonl: "tensorboard", "wandb", "mlflow" (docs/tracking.md).
         profile: (start_step, end_step): a torch.profiler trace of those steps in RUN/profile/trace.json.
         compile: True: torch.compile the model's forward and backward; "max": also the clip and optimizer step.
@@ -162,7 +164,8 @@ class Trainer:
         | Mapping[str, Callable[[Any], Hashable] | Sequence[Hashable]] | None = None,
         inputs: Sequence[str] | None = None, loss_weights: Mapping[str, float] | None = None,
         # engines, loggers, profiling, compiling
-        strategy: str = "auto", loggers: Sequence[str] = ("jsonl",), profile: tuple[int, int] | None = None,
+        strategy: str = "auto", find_unused_parameters: bool = False, loggers: Sequence[str] = ("jsonl",),
+        profile: tuple[int, int] | None = None,
         compile: bool | str = False, compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._arguments = {k: v for k, v in dict(locals()).items()

@@ -46,6 +46,7 @@ class Strategy:
     sharded = False  # each rank holds only a shard of the weights and of the optimizer state
     collective_forward = False  # every forward is a collective: a validation pass stops on all ranks at once
     writes_together = False  # several processes write each checkpoint into one folder
+    find_unused_parameters = False  # DDP: let steps leave some parameters without a gradient
 
     def __init__(self, env: DistEnv, device: torch.device) -> None:
         self.env, self.device = env, device
@@ -134,7 +135,8 @@ class DDPStrategy(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         ids = [self.device.index if self.device.index is not None else self.env.local_rank] \
             if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                   find_unused_parameters=self.find_unused_parameters)
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         return model.no_sync()
@@ -267,7 +269,7 @@ def strategy_class(name: str | None) -> type[Strategy]:
     return classes.get(name, Strategy)
 
 
-def make_strategy(name: str, env: DistEnv, device: torch.device) -> Strategy:
+def make_strategy(name: str, env: DistEnv, device: torch.device, find_unused_parameters: bool = False) -> Strategy:
     if name not in STRATEGIES:
         raise bad("strategy", name, f"use one of {', '.join(STRATEGIES)}.")
     if name == "auto":
@@ -277,4 +279,6 @@ def make_strategy(name: str, env: DistEnv, device: torch.device) -> Strategy:
                   "(or cadence fit --nproc N), or use strategy='single'.")
     if name == "single" and env.distributed:
         raise bad("strategy", name, f"torchrun started {env.world_size} processes; use 'ddp' or 'fsdp'.")
-    return strategy_class(name)(env, device)
+    strategy = strategy_class(name)(env, device)
+    strategy.find_unused_parameters = find_unused_parameters
+    return strategy
