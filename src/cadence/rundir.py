@@ -5,7 +5,10 @@
   ``fit()`` starts, after the whole config, every ``Trainer`` argument and the resume checkpoint were checked.
 - **Locked while training.** ``fit()`` holds ``fcntl.flock`` on ``RUN/.lock`` (which holds its PID): a second
   process training in the same folder fails at once, naming the PID. The kernel drops the lock when the
-  process dies, so a SIGKILLed run leaves no stale lock. With several processes, rank 0 holds it for all.
+  process dies, so a SIGKILLed run leaves no stale lock. The lock belongs to the training process alone: a child
+  it forks (DataLoader workers, compile workers, a user's ``multiprocessing`` or ``subprocess``) closes its copy
+  of the descriptor at once, so a child that outlives a killed run does not keep the folder locked. With several
+  processes, rank 0 holds it for all.
 - **Overwrite removes only what cadence wrote**: its known files and folders, and ``checkpoints/step-*``
   folders whose manifest says cadence wrote them. A user's file is never removed.
 """
@@ -190,8 +193,26 @@ def removed_on_failure(path: Path, made: bool) -> Iterator[None]:
         raise
 
 
+# The descriptors of the locks this process holds. flock belongs to the open file description, which a fork
+# shares: each child closes its copies at once (closing, not unlocking, which would free the parent's lock too).
+# An exec'ed child never gets them: os.open makes descriptors close-on-exec.
+_HELD: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _HELD:
+        with suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunLock:
-    """``fcntl.flock`` on ``RUN/.lock``, which holds the owner's PID; the file is removed on release."""
+    """``fcntl.flock`` on ``RUN/.lock``, which holds the owner's PID; the file is removed on release. Held by
+    this process alone: its forked children close their copy of the descriptor (see ``_HELD``)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir, self.path = run_dir, run_dir / LOCK
@@ -215,6 +236,7 @@ class RunLock:
                 if _same_file(fd, self.path):
                     break
                 os.close(fd)  # the holder removed the file between our open and our lock: take the new one
+            _HELD.add(fd)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as err:
@@ -226,6 +248,7 @@ class RunLock:
             return
         with suppress(OSError):  # removed while still locked, so a process waiting on the old file retries
             os.unlink(self.path)
+        _HELD.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 
