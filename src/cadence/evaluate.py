@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import killpoints
 from .data.loading import batch_size_of
 from .errors import bad
 from .outputs import Forward, call_model, read_output
@@ -73,6 +74,8 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
             for k, v in values.items():
                 sums[k] = v if k not in sums else sums[k] + v
             total = total + weight
+            if killpoints.ACTIVE:
+                killpoints.reached("val.batch")
             if stop is not None and agree_each_batch and agree is not None:
                 if agree([float(stop.received is not None)])[0] > 0:  # a tiny collective per batch
                     break

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import callbacks as cbs
+from . import killpoints
 from .checkpoint.snapshot import restore
 from .checkpoint.store import find_resume
 from .device import seed_everything
@@ -60,6 +61,8 @@ def run(t: Trainer) -> History:
     if t.run_dir is not None:
         ema = t.ema.model if t.ema is not None else None
         t.strategy.save_final(t.model, t.run_dir / "final", ema)  # FSDP: gathered, a collective
+        if killpoints.ACTIVE:
+            killpoints.reached("end.final", t.step)
     for hook in cbs.bind(t.callbacks, "on_fit_end"):
         hook(t)
     return t.history
@@ -72,10 +75,14 @@ def take_step(t: Trainer, on_epoch_start: list[Callable], on_step_end: list[Call
         for hook in on_epoch_start:
             hook(t)
     draws = t.stream.next_step()
+    if killpoints.ACTIVE:
+        killpoints.reached("step.begin", t.step + 1)
     if t.stage_plan is not None:
         t._sync_stage()
     set_rates(t.optimizer, t._base_lrs, t.schedule(t.step), t.lr)
     result = train_step(t._parts, draws)
+    if killpoints.ACTIVE:
+        killpoints.reached("step.optimizer")
     if not result.stepped:
         nonfinite(t, result.loss)
         return False
@@ -91,6 +98,8 @@ def take_step(t: Trainer, on_epoch_start: list[Callable], on_step_end: list[Call
     t.progress.update(t.step)
     if t.stream.end_of_epoch and t.stream.single:
         t.running.mark_epoch_end(t.step, t.stream.epoch)
+    if killpoints.ACTIVE:
+        killpoints.reached("step.end", t.step)
     return True
 
 
@@ -102,10 +111,14 @@ def end_of_run(t: Trainer, signal: int | None) -> None:
                  "reason": f"signal {signal}"})
     if signal is None and t.val_data is not None and t._validated_at != t.step:
         t.validate()
+    if killpoints.ACTIVE:
+        killpoints.reached("end.validated", t.step)
     if t.checkpoints is not None:
         if (t._saved_at, t._saved_records) != (t.step, len(t.history)):
             t.save_checkpoint()  # the end of the run, with its last records
         t._saver.wait()
+        if killpoints.ACTIVE:
+            killpoints.reached("end.checkpoint", t.step)
 
 
 def close(t: Trainer) -> None:
@@ -127,9 +140,15 @@ def start(t: Trainer) -> None:
     if t.resume is not None and not t._resumed:
         folder = find_resume(t.resume, t.checkpoints)
         check_resume(folder, t.resume, t.run_dir, t.max_steps, t.step, t.is_main)
+        if killpoints.ACTIVE:
+            killpoints.reached("resume.found", t.step)
     if folder is not None:
         restore(t, folder)
         t._resumed = True
+        if killpoints.ACTIVE:
+            killpoints.reached("resume.loaded", t.step)
+        if t.is_main and t.checkpoints is not None:  # a kill between a commit and its pruning left the old ones
+            t.checkpoints.prune()
         if t.is_main:
             notice(f"resumed at step {t.step} from {folder}")
     elif t.step == 0 and t.seed_at_fit:
@@ -139,6 +158,8 @@ def start(t: Trainer) -> None:
         config = read_config(t.run_dir) or {"trainer": t._arguments}  # cadence fit's config.yaml
         t.records.open(t.loggers, t.run_dir, config, t.step, t.records_at_checkpoint,
                        resumed=t.resume is not None)
+    if killpoints.ACTIVE:
+        killpoints.reached("started", t.step)
     t.records.start_clock()
     t.progress.start(t.step)
 
@@ -179,3 +200,5 @@ def log_train(t: Trainer) -> None:
         t._emit(record)
         if record["split"] == "train":
             t.progress.logged(t.step, {"loss": record["loss"], "lr": record["lr"]})
+            if killpoints.ACTIVE:
+                killpoints.reached("log", t.step)

@@ -25,6 +25,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from . import killpoints
 from .errors import ConfigError, bad
 
 try:  # POSIX; elsewhere the folder is not locked
@@ -362,5 +363,9 @@ def records_until(path: Path, step: int, count: int | None = None) -> list[dict[
         return []
     records = read_jsonl(path)
     kept = records[:count] if count is not None else [r for r in records if r["step"] <= step]
+    if killpoints.ACTIVE:
+        killpoints.reached("metrics.truncate", step)
     write_atomic(path, "".join(encode(r) for r in kept))
+    if killpoints.ACTIVE:
+        killpoints.reached("metrics.truncated", step)
     return kept

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import killpoints
 from .data.loading import batch_size_of
 from .data.sources import Draw
 from .outputs import Forward, Output, call_model, read_output
@@ -110,10 +111,14 @@ def forward_backward(p: StepParts, batch: Any, share: float, source_weight: floa
     with p.precision.autocast():
         raw = call_model(p.model, p.move(batch), p.forward, p.inputs, p.forward_kwargs)
         out = read_output(raw, training=True, loss_weights=p.loss_weights, part_names=p.part_names)
+    if killpoints.ACTIVE:
+        killpoints.reached("step.forward")
     factor = share * source_weight if out.num_items is None else source_weight
     loss = out.loss if factor == 1 else out.loss * factor
     scaler = p.precision.scaler
     (scaler.scale(loss) if scaler is not None else loss).backward()
+    if killpoints.ACTIVE:
+        killpoints.reached("step.backward")
     return out, loss.detach()
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import callbacks as cbs
+from . import killpoints
 from .arguments import check_basic
 from .build import build_backend, build_data, build_run, build_training, sync_stage
 from .callbacks import Callback
@@ -200,11 +201,18 @@ class Trainer:
         and then SIGINT raises ``KeyboardInterrupt``, the others ``SystemExit(128 + signal number)``.
         While it runs, the run folder is locked (``RUN/.lock``, docs/checkpoints.md).
         """
+        if killpoints.ACTIVE:
+            killpoints.reached("start", self.step)
         if self.run_folder is None:
             return run(self)
         self.run_folder.lock(self.strategy)
         try:
-            return run(self)
+            if killpoints.ACTIVE:
+                killpoints.reached("locked", self.step)
+            history = run(self)
+            if killpoints.ACTIVE:
+                killpoints.reached("end.done", self.step)
+            return history
         finally:
             self.run_folder.unlock()
 
@@ -269,7 +277,10 @@ class Trainer:
         if self._saver is None:
             raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
         self._saver.wait()  # a save in flight still reads the staging buffers that capture() refills
-        self._saver.save(self.step, capture(self, self._saver.staging))
+        files = capture(self, self._saver.staging)
+        if killpoints.ACTIVE:
+            killpoints.reached("checkpoint.capture", self.step)
+        self._saver.save(self.step, files)
         self._saved_at, self._saved_records = self.step, len(self.history)
         return self.checkpoints.path(self.step)
 

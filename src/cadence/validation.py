@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from . import callbacks as cbs
+from . import killpoints
 from .data.loading import eval_batches
 from .data.valsets import measure_sources
 from .errors import bad
@@ -77,6 +78,8 @@ def validate(trainer: Trainer, data: Any = None, split: str = "val") -> Metrics:
             result.update({f"{name}/{k}": v for k, v in means.items()})
             trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": name,
                            "loss": means.pop("loss"), "parts": means})
+    if killpoints.ACTIVE:
+        killpoints.reached("val.end", trainer.step)
     trainer.model.train()
     if data is None:
         trainer._validated_at = trainer.step

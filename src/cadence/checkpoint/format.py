@@ -25,6 +25,7 @@ import torch
 import xxhash
 from safetensors.torch import load as load_safetensors
 
+from .. import killpoints
 from .disk import Unsynced, fsync_dir
 from .tensorfile import NotParsed, TensorFile, encode_tensors, read_tensor_file
 
@@ -65,7 +66,12 @@ def _write(path: Path, data: TensorFile | bytes) -> dict[str, Any]:
 
 def _write_all(folder: Path, files: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     _verified.clear()  # what a resume kept and did not load is not needed once training saves again
-    return {name: _write(folder / name, data) for name, data in encode(files).items()}
+    entries = {}
+    for name, data in encode(files).items():
+        entries[name] = _write(folder / name, data)
+        if killpoints.ACTIVE:
+            killpoints.reached("checkpoint.file")
+    return entries
 
 
 def write_files(folder: Path, files: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -80,15 +86,21 @@ def write_files(folder: Path, files: Mapping[str, Any]) -> dict[str, dict[str, A
 def _write_manifest(tmp: Path, entries: dict[str, dict[str, Any]], meta: Mapping[str, Any] | None) -> None:
     manifest = {"format": FORMAT, "writer": "cadence", "files": entries, **(meta or {})}
     _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    if killpoints.ACTIVE:
+        killpoints.reached("checkpoint.manifest")
 
 
 def _publish(tmp: Path, folder: Path) -> Path:
     """Rename the complete, fsynced ``tmp`` (files and names) to ``folder`` and make the rename durable."""
+    if killpoints.ACTIVE:
+        killpoints.reached("checkpoint.fsync")
     old = None
     if folder.exists():  # saving the same step again: the old copy stays whole until the new one is in place
         old = folder.parent / f"{TMP_PREFIX}old-{folder.name}-{os.getpid()}"
         os.replace(folder, old)
     os.replace(tmp, folder)
+    if killpoints.ACTIVE:
+        killpoints.reached("checkpoint.rename")
     fsync_dir(folder.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

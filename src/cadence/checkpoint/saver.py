@@ -6,6 +6,7 @@ import shutil
 import threading
 from typing import TYPE_CHECKING, Any
 
+from .. import killpoints
 from .format import commit, entries_on_disk, temp_folder, write_checkpoint, write_files
 from .staging import Staging
 from .store import Checkpoints
@@ -39,10 +40,17 @@ class Saver:
             self._thread.start()
 
     def _write(self, step: int, files: dict[str, Any]) -> None:
-        write_checkpoint(self.store.path(step), files, {"step": step})
-        self.store.prune()
+        with killpoints.saving(step):
+            write_checkpoint(self.store.path(step), files, {"step": step})
+            if killpoints.ACTIVE:
+                killpoints.reached("checkpoint.committed")
+            self.store.prune()
 
     def _write_together(self, step: int, files: dict[str, Any]) -> None:
+        with killpoints.saving(step):
+            self._write_shares(step, files)
+
+    def _write_shares(self, step: int, files: dict[str, Any]) -> None:
         folder = self.store.path(step)
         tmp = temp_folder(folder, shared=True)
         if self.strategy.is_main:
@@ -53,6 +61,8 @@ class Saver:
         self.strategy.barrier()
         if self.strategy.is_main:
             commit(tmp, folder, entries_on_disk(tmp), {"step": step, "world_size": self.strategy.world_size})
+            if killpoints.ACTIVE:
+                killpoints.reached("checkpoint.committed")
             self.store.prune()
         self.strategy.barrier()
 

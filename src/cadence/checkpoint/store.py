@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .. import killpoints
 from .format import TMP_PREFIX, CheckpointError, read_json, verify
 
 NAME = re.compile(r"^step-(\d{9})$")
@@ -69,7 +70,7 @@ class Checkpoints:
             keep.add(best)
         for folder in folders:
             if folder not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove(folder)
 
     def best(self) -> Path | None:
         """The checkpoint kept for ``keep_best`` (the best value of its metric among cadence's), or None."""
@@ -126,3 +127,16 @@ def find_resume(resume: str | Path, checkpoints: Checkpoints | None) -> Path | N
         raise bad("resume", str(path), "it holds no valid checkpoint; give a run folder with checkpoints/ or a "
                   "checkpoint folder (RUN/checkpoints/step-NNNNNNNNN), or resume='auto'.")
     return found[0]
+
+
+def remove(folder: Path) -> None:
+    """Delete a checkpoint folder as one step: renamed aside first (a crash mid-delete leaves a stray temporary
+    folder, cleared by the next prune, never a half-deleted checkpoint), then deleted."""
+    aside = folder.with_name(f"{TMP_PREFIX}del-{folder.name}-{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except OSError:
+        return
+    if killpoints.ACTIVE:
+        killpoints.reached("checkpoint.prune")
+    shutil.rmtree(aside, ignore_errors=True)

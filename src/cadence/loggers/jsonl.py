@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .. import killpoints
+
 NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # Fields of a record that hold numbers (or null); anything else there makes the line damaged.
 NUMBERS = ("loss", "lr", "grad_norm", "samples_per_s", "elapsed_s", "value", "skipped_total")
@@ -123,6 +125,8 @@ class JsonlLogger:
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._file.write(encode(record))
         self._file.flush()
+        if killpoints.ACTIVE:
+            killpoints.reached("metrics.write", record.get("step"))
 
     def close(self) -> None:
         if self._file is not None and not self._file.closed:
