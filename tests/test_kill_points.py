@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -110,6 +111,7 @@ class Zygotes:
             self.free.put(proc)
 
     def run(self, cwd: Path, argv: list[str], kill: str | None = None, env: dict | None = None) -> dict:
+        """``cadence ARGV`` run in ``cwd`` with the kill point ``kill`` armed and ``env`` added."""
         proc = self.free.get()
         try:
             proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "kill": kill, "env": env or {}}) + "\n")
@@ -161,23 +163,41 @@ def assert_same(got: dict, want: dict, where: str) -> None:
     assert got["records"] == want["records"], where
 
 
-def kill_and_resume(z: Zygotes, cwd: Path, argv: list[str], kills: list[str], env: dict | None = None) -> Path:
+def kill_and_resume(z: Zygotes, cwd: Path, argv: list[str], kills: list[str], launch: list[str]) -> Path:
     """Start ``argv`` into ``cwd/run``, killed at ``kills[0]``; each further kill is a resume killed there; then
-    a last resume to the end. A run killed before it wrote config.yaml is started again as it was."""
+    a last resume to the end. A run killed before it wrote config.yaml is started again as it was. With
+    ``launch`` (``--nproc 2``) the workers read the kill point from the environment, and the launcher says
+    that one was killed."""
     run = cwd / "run"
     command = [*argv, "--run-dir", str(run)]
     for i, kill in enumerate([*kills, None]):
         if i > 0 and (run / "config.yaml").exists():
-            command = ["fit", "--resume", str(run)]
-        answer = z.run(cwd, command, kill, env)
-        if kill is not None:  # the point must be reached, or the case tests nothing
-            assert answer == {"signal": 9}, f"{kill}: {answer}\n{outputs(cwd)}"
+            command = ["fit", "--resume", str(run), *launched(launch)]
+        if launch:
+            answer = z.run(cwd, launched(command), None, {"CADENCE_KILL_AT": kill} if kill else None)
         else:
+            answer = z.run(cwd, command, kill)
+        if kill is None:
             assert answer == {"exit": 0}, f"{kills}: {answer}\n{outputs(cwd)}"
+        elif launch:  # the point must be reached, or the case tests nothing
+            assert answer == {"exit": 1} and "-9]" in outputs(cwd), f"{kill}: {answer}\n{outputs(cwd)}"
+        else:
+            assert answer == {"signal": 9}, f"{kill}: {answer}\n{outputs(cwd)}"
     return run
 
 
-def sweep(z: Zygotes, tmp: Path, setup, argv: list[str], cases: list[list[str]], env: dict | None = None) -> None:
+def launched(argv: list[str]) -> list[str]:
+    """``argv`` with a free ``--master-port`` when it launches processes (two launches run at once)."""
+    if "--nproc" not in argv:
+        return argv
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [*[a for i, a in enumerate(argv) if "--master-port" not in argv[max(i - 1, 0):i + 1]],
+            "--master-port", str(port)]
+
+
+def sweep(z: Zygotes, tmp: Path, setup, argv: list[str], cases: list[list[str]], launch: list[str] = ()) -> None:
     """The uninterrupted run, then every case (a list of kill points), two at a time; all must match."""
     def fresh(name: str) -> Path:
         cwd = tmp / name
@@ -186,14 +206,14 @@ def sweep(z: Zygotes, tmp: Path, setup, argv: list[str], cases: list[list[str]],
         return cwd
 
     reference = fresh("reference")
-    assert z.run(reference, [*argv, "--run-dir", str(reference / "run")], None, env) == {"exit": 0}, \
+    assert z.run(reference, launched([*argv, *launch, "--run-dir", str(reference / "run")])) == {"exit": 0}, \
         outputs(reference)
     want = run_state(reference / "run")
 
     def one(index: int, kills: list[str]) -> str | None:
         cwd = fresh(f"case-{index}")
         try:
-            run = kill_and_resume(z, cwd, argv, kills, env)
+            run = kill_and_resume(z, cwd, [*argv, *launch], kills, list(launch))
             assert_same(run_state(run), want, " then ".join(kills))
         except AssertionError as err:
             return f"{' then '.join(kills)}: {err}"
@@ -254,3 +274,11 @@ def test_a_run_with_every_checkpoint_option_resumes_bitwise_from_a_kill_at_every
     cases += at(END, [26])
     cases += [["step.begin@12", "resume.loaded@10"], ["step.begin@12", "metrics.truncated@10"]]
     sweep(zygotes, tmp_path, setup, ["fit", "--config", "everything.yaml"], cases)
+
+
+def test_two_processes_resume_bitwise_from_a_kill_of_either_rank(zygotes: Zygotes, tmp_path: Path) -> None:
+    """``--nproc 2``: one rank killed inside a step, while writing its share of a checkpoint, after the commit
+    and at the end; torchrun ends the other, and ``cadence fit --resume RUN --nproc 2`` ends bitwise."""
+    argv = ["fit", *DEMO[:2], "--trainer.batch_size", "16", *DEMO[4:]]
+    cases = [["step.backward@10:1"], ["checkpoint.file@12#1:1"], ["checkpoint.committed@12:0"], ["end.final@46:0"]]
+    sweep(zygotes, tmp_path, lambda cwd: None, argv, cases, ["--nproc", "2"])

@@ -114,7 +114,9 @@ def end_of_run(t: Trainer, signal: int | None) -> None:
     if killpoints.ACTIVE:
         killpoints.reached("end.validated", t.step)
     if t.checkpoints is not None:
-        if (t._saved_at, t._saved_records) != (t.step, len(t.history)):
+        # rank 0 decides for all: only its records are counted (another rank's history is not restored on resume)
+        unsaved = t.is_main and (t._saved_at, t._saved_records) != (t.step, len(t.history))
+        if t.strategy.any(unsaved):
             t.save_checkpoint()  # the end of the run, with its last records
         t._saver.wait()
         if killpoints.ACTIVE:

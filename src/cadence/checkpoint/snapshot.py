@@ -48,6 +48,8 @@ def capture(trainer: Trainer, staging: Staging | None = None) -> dict[str, Any]:
         return staging.copier(file) if staging is not None else None
 
     files: dict[str, Any] = {rng_file(trainer.rank, trainer.world_size): rng_state()}
+    if trainer.world_size > 1:  # each rank's own losses since the last log point (averaged over ranks when logged)
+        files[running_file(trainer.rank)] = host_tensors(trainer.running.state_tensors(), copier("running"))
     # the weights and the optimizer: written once by rank 0 (replicated) or by every rank (its shards)
     files.update(trainer.strategy.checkpoint_files(trainer.model, trainer.optimizer, copier))
     if not trainer.is_main:  # the rest is replicated, written once, by rank 0; every rank writes its RNG
@@ -92,6 +94,9 @@ def restore(trainer: Trainer, folder: Path) -> None:
                 if isinstance(value, torch.Tensor) and key != "step" and value.device != p.device:
                     trainer.optimizer.state[p][key] = value.to(p.device)
     set_rng_state(read_tensors(folder / rng_file(trainer.rank, trainer.world_size)))
+    own = folder / running_file(trainer.rank)
+    if trainer.world_size > 1 and own.exists():  # trainer.json has rank 0's (and cadence 0.1 only those)
+        trainer.running.load_state(read_tensors(own), None)
 
 
 def check_fits(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> None:
@@ -125,5 +130,9 @@ def read_state(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 def rng_file(rank: int, world_size: int) -> str:
     return "rng.safetensors" if world_size == 1 else f"rng-rank{rank:05d}.safetensors"
+
+
+def running_file(rank: int) -> str:
+    return f"running-rank{rank:05d}.safetensors"
 
 
