@@ -222,6 +222,7 @@ class Trainer:
             "data": self.stream.state_dict(),
             "validated_at": self._validated_at,
             "metrics": dict(self.last_val_metrics),
+            "best": self.checkpoints.best_state() if self.checkpoints is not None else None,
             "nonfinite": self.nonfinite_in_a_row,
             "nonfinite_total": self.nonfinite_total,
             "should_stop": self.should_stop,
@@ -245,6 +246,8 @@ class Trainer:
         self.stream.load_state_dict(state["data"])
         self._validated_at = state.get("validated_at")
         self.last_val_metrics = dict(state.get("metrics") or {})
+        if self.checkpoints is not None:
+            self.checkpoints.load_best_state(state.get("best"))
         self.nonfinite_in_a_row = int(state.get("nonfinite", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.should_stop, self.stop_reason = bool(state.get("should_stop")), state.get("stop_reason")
@@ -266,10 +269,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Save the full training state as ``RUN/checkpoints/step-NNNNNNNNN`` (atomically)."""
+        return self._save_checkpoint()
+
+    def _save_checkpoint(self, kept_for: str | None = None) -> Path:
+        """``save_checkpoint``; ``kept_for="best"``: saved only because this validation is the best so far."""
         if self._saver is None:
             raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
         self._saver.wait()  # a save in flight still reads the staging buffers that capture() refills
-        self._saver.save(self.step, capture(self, self._saver.staging))
+        self._saver.save(self.step, capture(self, self._saver.staging), kept_for)
         self._saved_at, self._saved_records = self.step, len(self.history)
         return self.checkpoints.path(self.step)
 

@@ -89,10 +89,11 @@ def validate(trainer: Trainer, data: Any = None, split: str = "val") -> Metrics:
     return result
 
 
-def decide(trainer: Trainer, metrics: dict[str, float]) -> None:
-    """What a validation in the loop decides: the plateau schedule's rate (after warm-up), early stopping."""
+def decide(trainer: Trainer, metrics: dict[str, float]) -> bool:
+    """What a validation in the loop decides: the plateau schedule's rate (after warm-up), early stopping, and
+    whether ``keep_best`` must save these weights (True: the best value of its metric so far)."""
     if not metrics:  # a validation that a stop signal cut short decides nothing
-        return
+        return False
     plateau = trainer.schedule.plateau
     if plateau is not None and trainer.step >= trainer.schedule.warmup_steps and plateau.observe(metrics, trainer.lr):
         trainer.progress.message(f"step {trainer.step}: {plateau.monitor} on a plateau, lr -> {plateau.lr:.3g}")
@@ -102,3 +103,4 @@ def decide(trainer: Trainer, metrics: dict[str, float]) -> None:
         trainer.progress.message(f"step {trainer.step}: {reason}")
         trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": "train", "event": "stop",
                        "reason": reason})
+    return trainer.checkpoints is not None and trainer.checkpoints.improves(metrics)
