@@ -70,7 +70,7 @@ def build_data(t: Trainer, a: SimpleNamespace) -> None:
 def build_training(t: Trainer, a: SimpleNamespace) -> None:
     """The schedule, the step's parts and the first stage's optimizer, validation, the EMA and stoppers."""
     t.schedule = Schedule(a.lr, a.schedule, a.warmup_steps, a.warmup_start_lr, t.max_steps, a.min_lr,
-                          tuple(a.milestones), a.gamma, a.schedule_unit, t.steps_per_epoch, a.plateau)
+                          tuple(a.milestones), a.gamma, a.schedule_unit, t.steps_per_epoch, a.plateau, a.decay_steps)
     t.lr, t.weight_decay, t._optimizer_spec = a.lr, a.weight_decay, a.optimizer
     t._optimizer_options, t._param_overrides = dict(a.optimizer_options or {}), dict(a.param_groups or {})
     if a.fused is not None:

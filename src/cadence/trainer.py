@@ -57,6 +57,8 @@ class Trainer:
         schedule: after warm-up: "constant", "linear", "cosine", "multistep", "exponential", "plateau", or a
             callable step -> factor.
         min_lr: the rate "linear" and "cosine" decay to.
+        decay_steps: the step at which "linear" and "cosine" reach min_lr, then kept (nanoGPT's lr_decay_iters);
+            default max_steps.
         milestones: steps at which "multistep" multiplies the rate by gamma.
         gamma: the factor of "multistep" and "exponential".
         schedule_unit: "step" or "epoch": what "multistep"'s milestones, "exponential" and a callable count.
@@ -132,7 +134,8 @@ class Trainer:
         optimizer: OptimizerSpec = "adamw", optimizer_options: Mapping[str, Any] | None = None,
         fused: bool | None = None, lr: float = 1e-3,
         weight_decay: float = 0.0, warmup_steps: int = 0, warmup_start_lr: float = 0.0,
-        schedule: str | Callable[[int], float] = "constant", min_lr: float = 0.0, milestones: Sequence[int] = (),
+        schedule: str | Callable[[int], float] = "constant", min_lr: float = 0.0, decay_steps: int | None = None,
+        milestones: Sequence[int] = (),
         gamma: float = 0.1, schedule_unit: str = "step", plateau: Plateau | None = None,
         # the step
         grad_accum: int = 1, max_grad_norm: float | None = None, clip_per_group: bool = False, precision: str = "32",
