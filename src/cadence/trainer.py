@@ -186,6 +186,13 @@ class Trainer:
         return self.checkpoints.best() if self.checkpoints is not None and self.checkpoints.keep_best else None
 
     @property
+    def epoch(self) -> int:
+        """The epoch (0-based) that the last step took its batches from: the ``epoch`` of its records; 0 before
+        the first step. ``on_epoch_start`` runs before an epoch's first step, so there the epoch beginning is
+        ``epoch + 1`` (except for the first). With several sources, the first source's epoch."""
+        return self.stream.epoch
+
+    @property
     def params(self) -> list[torch.Tensor]:
         """The parameters the current optimizer trains."""
         return self._parts.params
