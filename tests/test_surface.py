@@ -38,6 +38,7 @@ TRAINER_ARGUMENTS = {
     "val_every": None,
     "val_batch_size": None,
     "val_at_start": False,
+    "val_mean": False,
     "valid_frac": None,
     "split_by": None,
     "split_seed": 0,
@@ -110,7 +111,8 @@ FIT_OPTIONS = [
     "--trainer.source_weights", "--trainer.split_by", "--trainer.split_by+", "--trainer.split_by.help",
     "--trainer.split_mode", "--trainer.split_seed", "--trainer.stages", "--trainer.stages+",
     "--trainer.stages.help", "--trainer.stop_when", "--trainer.strategy", "--trainer.val_at_start",
-    "--trainer.val_batch_size", "--trainer.val_every", "--trainer.val_forward_kwargs", "--trainer.valid_frac",
+    "--trainer.val_batch_size", "--trainer.val_every", "--trainer.val_forward_kwargs", "--trainer.val_mean",
+    "--trainer.valid_frac",
     "--trainer.validate_on", "--trainer.warmup_start_lr", "--trainer.warmup_steps", "--trainer.weight_decay",
     "--val_data", "-h",
 ]

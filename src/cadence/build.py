@@ -13,6 +13,7 @@ from .checkpoint import Checkpoints
 from .checkpoint.saver import Saver
 from .compiling import Compiler
 from .data.build import DataSettings, prepare
+from .data.valsets import check_watched
 from .device import mover, resolve_device
 from .distributed import init_distributed, make_strategy
 from .distributed.env import read_env
@@ -94,7 +95,11 @@ def build_training(t: Trainer, a: SimpleNamespace) -> None:
     # None: the validation calls take the training's forward_kwargs
     t._val_forward_kwargs = dict((a.forward_kwargs if a.val_forward_kwargs is None else a.val_forward_kwargs) or {})
     t.validator = Validator(t._parts, a.val_every, t.val_batch_size, t.metric_fns,
-                            t._val_forward_kwargs, a.collate_fn, a.num_workers, t.device.type == "cuda")
+                            t._val_forward_kwargs, a.collate_fn, a.num_workers, t.device.type == "cuda", a.val_mean)
+    plateau = t.schedule.plateau
+    check_watched(t.val_data, a.val_mean, [*([("keep_best", a.keep_best[0])] if a.keep_best else []),
+                                           *(("EarlyStopping monitor", s.monitor) for s in a.early_stopping),
+                                           *([("Plateau monitor", plateau.monitor)] if plateau is not None else [])])
     t.ema, t.validate_on = a.ema, a.validate_on
     if a.ema is not None:
         a.ema.attach(t.model)  # after the strategy wrapped the model (DDP broadcasts rank 0's weights)

@@ -114,19 +114,20 @@ class History(list):
     """The logged records in order (the same objects ``metrics.jsonl`` holds).
 
     ``history[i]`` is a record; ``history["val/loss"]`` is the series of one metric, read from the records of
-    its split (``"train/loss"``, ``"train/<part>"``, ``"val/acc"``, ``"lr"``...).
+    its split (``"train/loss"``, ``"train/<part>"``, ``"val/acc"``, ``"val/<set>/loss"``, ``"lr"``...).
     """
 
     def __getitem__(self, key: Any) -> Any:
         if not isinstance(key, str):
             return super().__getitem__(key)
-        split, _, name = key.partition("/")
-        if not name:
+        if "/" not in key:
             return [r[key] for r in self if key in r]
         out = []
         for r in self:
-            if r.get("split") != split:
+            split = r.get("split")  # "val/<set>" of several validation sets has a "/" too
+            if not isinstance(split, str) or not key.startswith(f"{split}/"):
                 continue
+            name = key[len(split) + 1:]
             value = r.get(name, r.get("parts", {}).get(name))
             if value is not None:
                 out.append(value)

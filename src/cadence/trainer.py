@@ -70,6 +70,8 @@ class Trainer:
         val_every: validate every N steps (default: at each epoch end).
         val_batch_size: items per validation batch (default: batch_size).
         val_at_start: also validate before the first step (logged at step 0; not again on resume).
+        val_mean: with several validation sets (val_data={"name": data}), also log their mean as val/<name>
+            (each set counting once); by default each set is logged on its own only, as val/<set>/<name>.
         valid_frac: hold out this fraction of the training data for validation.
         split_by: callable(item) -> group, or one group label per item; with valid_frac, split by group.
         split_seed: seed of the validation split.
@@ -141,6 +143,7 @@ class Trainer:
         grad_accum: int = 1, max_grad_norm: float | None = None, clip_per_group: bool = False, precision: str = "32",
         # validation
         val_every: int | None = None, val_batch_size: int | None = None, val_at_start: bool = False,
+        val_mean: bool = False,
         # the data
         valid_frac: float | None = None, split_by: Callable[[Any], Hashable] | Sequence[Hashable] | None = None,
         split_seed: int = 0, split_mode: str | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
