@@ -30,6 +30,7 @@ from .schedule import Schedule
 from .signals import StopSignals
 from .stages import StagePlan
 from .step import StepParts
+from .throughput import Throughput, check_throughput
 from .validation import Validator
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def build_training(t: Trainer, a: SimpleNamespace) -> None:
 def build_run(t: Trainer, a: SimpleNamespace) -> None:
     """The run folder, loggers, checkpoints and their writer; the callbacks, progress and records."""
     t.log_every, t.checkpoint_every = a.log_every, a.checkpoint_every
+    check_throughput(a.tokens_per_item, a.flops_per_item, a.peak_flops)
     t.run_dir = Path(a.run_dir) if a.run_dir is not None else None
     t.loggers = check_loggers(a.loggers, has_run_dir=t.run_dir is not None)
     t.profiler = StepProfiler(tuple(a.profile), t.run_dir / "profile") if a.profile is not None else None
@@ -120,7 +122,7 @@ def build_run(t: Trainer, a: SimpleNamespace) -> None:
     t.progress = Progress(t.max_steps, enabled=a.progress and t.is_main)
     t.should_stop = False
     t.stop_reason = None
-    t.records = Records()
+    t.records = Records(Throughput(a.tokens_per_item, a.flops_per_item, a.peak_flops))
     t.history, t.running = t.records.history, t.records.running
     t.last_val_metrics = {}
     t._signals = StopSignals()

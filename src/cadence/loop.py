@@ -77,7 +77,8 @@ def take_step(t: Trainer, on_epoch_start: list[Callable], on_step_end: list[Call
     if t.stage_plan is not None:
         t._sync_stage()
     set_rates(t.optimizer, t._base_lrs, t.schedule(t.step), t.lr)
-    result = train_step(t._parts, draws)
+    with t.records.throughput.measure(draws):  # tokens from the shapes; flops_per_item="count": the first step's
+        result = train_step(t._parts, draws)
     if not result.stepped:
         nonfinite(t, result.loss)
         return False

@@ -84,6 +84,11 @@ class Trainer:
             resumes exactly and is the same with any num_workers (docs/trainer.md, the data order contract).
         shuffle: visit each epoch in a seeded random order (the data order contract).
         log_every: read and log the running means every N steps.
+        tokens_per_item: tokens in one item, for tokens_per_s (None: counted from the batches when the items are
+            token sequences, an integer (batch, length) tensor first; 0: never).
+        flops_per_item: the training FLOPs (forward and backward) of one item, or "count" (torch's FlopCounterMode
+            over the first step); with peak_flops, the MFU of each log point.
+        peak_flops: the device's peak FLOPs per second, for the MFU (docs/tracking.md).
         seed: seeds the data order and, at the start of fit(), torch, numpy and random.
         seed_at_fit: seed torch, numpy and random when a fresh fit() starts (False: leave them as they are).
         device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps".
@@ -149,7 +154,8 @@ class Trainer:
         split_seed: int = 0, split_mode: str | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0, drop_last: bool = False, item_seeding: bool = True, shuffle: bool = True,
         # the run
-        log_every: int = 50, seed: int = 0, seed_at_fit: bool = True, device: str | torch.device = "auto",
+        log_every: int = 50, tokens_per_item: int | None = None, flops_per_item: float | str | None = None,
+        peak_flops: float | None = None, seed: int = 0, seed_at_fit: bool = True, device: str | torch.device = "auto",
         run_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
         checkpoint_every: int | None = None, callbacks: Sequence[Callback] = (),
         # the model's calls and outputs
