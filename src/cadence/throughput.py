@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from .data.loading import batch_size_of
 from .errors import bad
 
 TOKEN_DTYPES = (torch.int64, torch.int32)
+NOTHING = nullcontext()  # reused: no context object per step
 
 
 def check_throughput(tokens_per_item: Any, flops_per_item: Any, peak_flops: Any) -> None:
@@ -69,36 +70,39 @@ class Throughput:
         self.tokens_per_item, self.peak_flops = tokens_per_item, peak_flops
         self.flops_per_item = None if flops_per_item == "count" else flops_per_item
         self._count = flops_per_item == "count"
-        self.step_tokens: int | None = None  # the tokens of the step just measured (None: not token sequences)
+        self._sequences: bool | None = None if tokens_per_item is None else False  # None: not yet looked at
+        self.step_tokens: int | None = None  # the tokens of the step just measured (token sequences only)
+
+    def measure(self, draws: Sequence[Any]) -> AbstractContextManager[None]:
+        """Around one step: its tokens (from the shapes) and, the first time when asked, its FLOPs per item."""
+        if self._sequences is not False:
+            self.step_tokens = self._tokens(draws)
+        return self._counting(draws) if self._count else NOTHING
+
+    def _tokens(self, draws: Sequence[Any]) -> int | None:
+        fields = [token_field(b) for draw in draws for b in draw.micro_batches]
+        if self._sequences is None:  # the first step says whether the items are token sequences
+            self._sequences = bool(fields) and all(f is not None for f in fields)
+            if not self._sequences:
+                return None
+        return sum(f.numel() for f in fields if f is not None)
 
     @contextmanager
-    def measure(self, draws: Sequence[Any]) -> Iterator[None]:
-        """Around one step: its tokens (from the shapes) and, the first time when asked, its FLOPs per item."""
-        batches = [b for draw in draws for b in draw.micro_batches]
-        self.step_tokens = self._tokens(batches)
-        if not self._count:
-            yield
-            return
+    def _counting(self, draws: Sequence[Any]) -> Iterator[None]:
         from torch.utils.flop_counter import FlopCounterMode
 
         with warnings.catch_warnings():  # torch.compile warns about the counter's module hooks
             warnings.filterwarnings("ignore", message=".*global hooks on modules.*")
             with FlopCounterMode(display=False) as counter:
                 yield
-        items = sum(batch_size_of(b) for b in batches)
+        items = sum(batch_size_of(b) for draw in draws for b in draw.micro_batches)
         self.flops_per_item, self._count = counter.get_total_flops() / max(items, 1), False
-
-    def _tokens(self, batches: list[Any]) -> int | None:
-        if self.tokens_per_item is not None:
-            return self.tokens_per_item * sum(batch_size_of(b) for b in batches) if self.tokens_per_item else None
-        fields = [token_field(b) for b in batches]
-        if not fields or any(f is None for f in fields):
-            return None
-        return sum(f.numel() for f in fields)
 
     def rates(self, samples: int, tokens: int | None, seconds: float) -> dict[str, float]:
         """``tokens_per_s`` (when tokens were counted) and ``mfu`` (with ``flops_per_item`` and ``peak_flops``)."""
         out = {}
+        if self.tokens_per_item:
+            tokens = self.tokens_per_item * samples
         if tokens is not None:
             out["tokens_per_s"] = tokens / seconds
         if self.flops_per_item is not None and self.peak_flops is not None:
