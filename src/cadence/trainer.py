@@ -105,7 +105,8 @@ class Trainer:
         metrics: {"name": callable(output, batch) -> scalar} computed in validation.
         resume: "auto" (the newest valid checkpoint in run_dir, if any) or a checkpoint or run folder.
         keep_last: keep only the newest N checkpoints (None: keep all).
-        keep_best: (metric, "min" or "max"): also keep the checkpoint with the best value of metric.
+        keep_best: (metric, "min" or "max"): also keep the checkpoint with the best value of metric, saved at that
+            validation (the weights measured), also between checkpoint_every saves (docs/checkpoints.md).
         async_checkpoint: copy the state off the device and write the files in a background thread.
         on_nonfinite: "raise" at a non-finite loss, or "skip" the step (weights and optimizer untouched).
         max_nonfinite: with "skip", raise after this many non-finite steps in a row.
