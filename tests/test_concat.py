@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cadence import ConfigError
+from cadence import ConfigError, EarlyStopping
 from cadence.data.join import join_batches
 from helpers import MLP, assert_weights_equal, make_data, trainer
 
@@ -82,11 +82,34 @@ def test_val_data_dict_is_measured_and_logged_per_source():
                 metrics={"acc": acc})
     history = t.fit()
     metrics = t.last_val_metrics
-    assert {"val/loss", "val/acc", "val/pos/loss", "val/neg/loss", "val/pos/acc", "val/neg/acc"} <= set(metrics)
-    assert history["val/pos/loss"] == [metrics["val/pos/loss"]]
-    # each source measured on its own, and the plain figure their mean (each source counting once)
+    assert set(metrics) == {"val/pos/loss", "val/neg/loss", "val/pos/acc", "val/neg/acc"}  # no mean: not asked
+    assert history["val/pos/loss"] == [metrics["val/pos/loss"]] and history["val/loss"] == []
+    val = [r for r in history if r["split"].startswith("val")]
+    assert [(r["split"], r["loss"], r["parts"]) for r in val] == [
+        ("val/pos", metrics["val/pos/loss"], {"acc": 0.5}), ("val/neg", metrics["val/neg/loss"], {"acc": 0.5})]
+    # each source measured on its own
     alone = {name: trainer(t.model, train, val_data=data, batch_size=8, max_steps=1).validate()["val/loss"]
              for name, data in (("pos", pos), ("neg", neg))}
     assert metrics["val/pos/loss"] == pytest.approx(alone["pos"])
     assert metrics["val/neg/loss"] == pytest.approx(alone["neg"])
-    assert metrics["val/loss"] == pytest.approx((alone["pos"] + alone["neg"]) / 2)
+    # val_mean=True: also the plain figure, their mean (each source counting once), in a record of split "val"
+    meaned = trainer(t.model, train, val_data={"pos": pos, "neg": neg}, batch_size=8, max_steps=1, val_mean=True,
+                     metrics={"acc": acc}).validate()
+    assert meaned["val/loss"] == pytest.approx((alone["pos"] + alone["neg"]) / 2) and meaned["val/acc"] == 0.5
+    assert meaned["val/pos/loss"] == metrics["val/pos/loss"]
+
+
+def test_several_validation_sets_name_what_is_watched():
+    sets = {"pos": make_data(10, seed=1), "neg": make_data(10, seed=2)}
+    kw = dict(val_data=sets, batch_size=8, max_steps=2)
+    with pytest.raises(ConfigError, match=r"EarlyStopping monitor='val/loss'.*pos, neg.*'val/pos/loss'.*val_mean"):
+        trainer(MLP(), make_data(40), early_stopping=[EarlyStopping()], **kw)  # the default monitor, val/loss
+    with pytest.raises(ConfigError, match=r"keep_best='val/loss'.*val_mean=True"):
+        trainer(MLP(), make_data(40), keep_best=("val/loss", "min"), run_dir="unused", **kw)
+    with pytest.raises(ConfigError, match=r"Plateau monitor='val/loss'"):
+        trainer(MLP(), make_data(40), schedule="plateau", **kw)
+    # a set's own figure, or the mean when asked for, is fine
+    trainer(MLP(), make_data(40), early_stopping=[EarlyStopping("val/neg/loss")], **kw).fit()
+    t = trainer(MLP(), make_data(40), early_stopping=[EarlyStopping()], val_mean=True, **kw)
+    t.fit()
+    assert t.history["val/loss"] and t.history["val/neg/loss"]

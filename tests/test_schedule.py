@@ -185,6 +185,9 @@ def test_schedule_is_stateless_and_frozen():
         ({"name": "multistep", "milestones": (5, 2)}, ["milestones=(5, 2)", "increasing"]),
         ({"warmup_steps": -1}, ["warmup_steps=-1"]),
         ({"warmup_steps": 11, "max_steps": 10}, ["warmup_steps=11", "max_steps=10"]),
+        ({"name": "cosine", "decay_steps": 0}, ["decay_steps=0", "positive"]),
+        ({"name": "constant", "decay_steps": 8}, ["decay_steps=8", "schedule='constant'"]),
+        ({"name": "linear", "decay_steps": 3, "warmup_steps": 4}, ["decay_steps=3", "warmup_steps=4"]),
     ],
 )
 def test_schedule_bad_arguments(kwargs, pieces):
@@ -192,6 +195,39 @@ def test_schedule_bad_arguments(kwargs, pieces):
         Schedule(1.0, **kwargs)
     for piece in pieces:
         assert piece in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- decay_steps
+def nanogpt_lr(it: int, warmup_iters: int, lr_decay_iters: int, learning_rate: float, min_lr: float) -> float:
+    """nanoGPT's ``get_lr`` after its warm-up (its warm-up formula differs; cadence's is tested above)."""
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+@pytest.mark.parametrize("warmup", [0, 4], ids=["no_warmup", "warmup"])
+def test_cosine_over_decay_steps_is_nanogpts_lr_decay_iters(warmup):
+    sched = Schedule(LR, "cosine", warmup_steps=warmup, max_steps=40, min_lr=MIN_LR, decay_steps=25)
+    rates = [sched(s) for s in range(40)]
+    assert rates[warmup:] == pytest.approx([nanogpt_lr(s, warmup, 25, LR, MIN_LR) for s in range(warmup, 40)],
+                                           rel=1e-12)
+    assert rates[25:] == [MIN_LR] * 15  # decayed, then kept at min_lr to the end of the run
+    linear = Schedule(LR, "linear", warmup_steps=warmup, min_lr=MIN_LR, decay_steps=25)  # no run length needed
+    assert [linear(s) for s in (warmup, 25, 39)] == pytest.approx([LR, MIN_LR, MIN_LR])
+    # the default is max_steps
+    assert Schedule(LR, "cosine", max_steps=25, min_lr=MIN_LR)(12) == Schedule(LR, "cosine", max_steps=40,
+                                                                                min_lr=MIN_LR, decay_steps=25)(12)
+
+
+def test_decay_steps_drives_a_runs_rate():
+    events = Events()
+    trainer(MLP(), make_data(64), batch_size=8, max_steps=12, lr=LR, schedule="cosine", min_lr=MIN_LR,
+            decay_steps=6, callbacks=[events]).fit()
+    rates = [group_lrs[0] for group_lrs in events.lrs]
+    assert rates == pytest.approx([nanogpt_lr(s, 0, 6, LR, MIN_LR) for s in range(12)], rel=1e-12)
+    assert rates[6:] == [MIN_LR] * 6
 
 
 # ----------------------------------------------------------------------------------------------- per-epoch units

@@ -110,3 +110,21 @@ def test_log_points_read_the_device_means(monkeypatch):
     for k, value in enumerate(logged):
         window = torch.stack(losses[bounds[k]:bounds[k + 1]])
         assert value == pytest.approx(window.mean().item(), rel=1e-5)
+
+
+def test_no_sync_per_step_with_tokens_and_mfu(monkeypatch):
+    """tokens_per_s and the MFU come from shapes and a FLOP count taken once: no host transfer per step."""
+    ids = torch.randint(0, 17, (64, 9), generator=torch.Generator().manual_seed(0))
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(17, 8), torch.nn.Linear(8, 17)
+
+        def forward(self, x, y):
+            return torch.nn.functional.cross_entropy(self.head(self.embed(x)).flatten(0, 1), y.flatten())
+
+    t, counter = counted_fit(monkeypatch, TinyLM(), (ids[:, :-1], ids[:, 1:]), batch_size=8, optimizer="sgd",
+                             lr=0.05, flops_per_item="count", peak_flops=1e9)
+    assert counter.total() <= LOG_POINTS + SLACK, counter.callers
+    assert all("tokens_per_s" in r and "mfu" in r for r in t.history if r["split"] == "train")

@@ -620,3 +620,26 @@ def test_val_at_start_is_not_repeated_on_resume(tmp_path):
     resumed.fit()
     assert [r["step"] for r in read_records(run) if r["split"] == "val"] == [0, 2, 4]
     assert [r["step"] for r in resumed.history if r["split"] == "val"] == [0, 2, 4]
+
+
+# ----------------------------------------------------------------------------------------------- epoch
+def test_epoch_is_public_read_only_and_the_records_epoch():
+    seen = []
+
+    class Epochs(Callback):
+        def on_epoch_start(self, trainer):
+            seen.append(("start", trainer.step, trainer.epoch))
+
+        def on_step_end(self, trainer):
+            seen.append(("step", trainer.step, trainer.epoch))
+
+    t = trainer(MLP(), make_data(32), batch_size=8, max_epochs=3, log_every=1, callbacks=[Epochs()])
+    assert t.epoch == 0
+    t.fit()
+    steps = [(s, e) for kind, s, e in seen if kind == "step"]
+    assert steps == [(s, (s - 1) // 4) for s in range(1, 13)]  # 4 steps an epoch
+    assert [(s, e) for kind, s, e in seen if kind == "start"] == [(0, 0), (4, 0), (8, 1)]
+    assert {r["step"]: r["epoch"] for r in t.history if r["split"] == "train"} == dict(steps)
+    assert t.epoch == 2
+    with pytest.raises(AttributeError):
+        t.epoch = 5

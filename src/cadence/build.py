@@ -13,6 +13,7 @@ from .checkpoint import Checkpoints
 from .checkpoint.saver import Saver
 from .compiling import Compiler
 from .data.build import DataSettings, prepare
+from .data.valsets import check_watched
 from .device import mover, resolve_device
 from .distributed import init_distributed, make_strategy
 from .distributed.env import read_env
@@ -29,6 +30,7 @@ from .schedule import Schedule
 from .signals import StopSignals
 from .stages import StagePlan
 from .step import StepParts
+from .throughput import Throughput, check_throughput
 from .validation import Validator
 
 if TYPE_CHECKING:
@@ -70,7 +72,7 @@ def build_data(t: Trainer, a: SimpleNamespace) -> None:
 def build_training(t: Trainer, a: SimpleNamespace) -> None:
     """The schedule, the step's parts and the first stage's optimizer, validation, the EMA and stoppers."""
     t.schedule = Schedule(a.lr, a.schedule, a.warmup_steps, a.warmup_start_lr, t.max_steps, a.min_lr,
-                          tuple(a.milestones), a.gamma, a.schedule_unit, t.steps_per_epoch, a.plateau)
+                          tuple(a.milestones), a.gamma, a.schedule_unit, t.steps_per_epoch, a.plateau, a.decay_steps)
     t.lr, t.weight_decay, t._optimizer_spec = a.lr, a.weight_decay, a.optimizer
     t._optimizer_options, t._param_overrides = dict(a.optimizer_options or {}), dict(a.param_groups or {})
     if a.fused is not None:
@@ -94,7 +96,11 @@ def build_training(t: Trainer, a: SimpleNamespace) -> None:
     # None: the validation calls take the training's forward_kwargs
     t._val_forward_kwargs = dict((a.forward_kwargs if a.val_forward_kwargs is None else a.val_forward_kwargs) or {})
     t.validator = Validator(t._parts, a.val_every, t.val_batch_size, t.metric_fns,
-                            t._val_forward_kwargs, a.collate_fn, a.num_workers, t.device.type == "cuda")
+                            t._val_forward_kwargs, a.collate_fn, a.num_workers, t.device.type == "cuda", a.val_mean)
+    plateau = t.schedule.plateau
+    check_watched(t.val_data, a.val_mean, [*([("keep_best", a.keep_best[0])] if a.keep_best else []),
+                                           *(("EarlyStopping monitor", s.monitor) for s in a.early_stopping),
+                                           *([("Plateau monitor", plateau.monitor)] if plateau is not None else [])])
     t.ema, t.validate_on = a.ema, a.validate_on
     if a.ema is not None:
         a.ema.attach(t.model)  # after the strategy wrapped the model (DDP broadcasts rank 0's weights)
@@ -104,6 +110,7 @@ def build_training(t: Trainer, a: SimpleNamespace) -> None:
 def build_run(t: Trainer, a: SimpleNamespace) -> None:
     """The run folder, loggers, checkpoints and their writer; the callbacks, progress and records."""
     t.log_every, t.checkpoint_every = a.log_every, a.checkpoint_every
+    check_throughput(a.tokens_per_item, a.flops_per_item, a.peak_flops)
     t.run_dir = Path(a.run_dir) if a.run_dir is not None else None
     t.loggers = check_loggers(a.loggers, has_run_dir=t.run_dir is not None)
     t.profiler = StepProfiler(tuple(a.profile), t.run_dir / "profile") if a.profile is not None else None
@@ -115,7 +122,7 @@ def build_run(t: Trainer, a: SimpleNamespace) -> None:
     t.progress = Progress(t.max_steps, enabled=a.progress and t.is_main)
     t.should_stop = False
     t.stop_reason = None
-    t.records = Records()
+    t.records = Records(Throughput(a.tokens_per_item, a.flops_per_item, a.peak_flops))
     t.history, t.running = t.records.history, t.records.running
     t.last_val_metrics = {}
     t._signals = StopSignals()

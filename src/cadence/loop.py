@@ -44,11 +44,13 @@ def run(t: Trainer) -> History:
                     continue  # a non-finite loss: skipped
                 if t.step % t.log_every == 0 or t.step == 1:  # step 1: a log shows the run at once
                     log_train(t)
+                best = False  # keep_best: this validation is the best so far, so its weights are saved now
                 if t.validator.due(t.val_data, t.step, t.stream.end_of_epoch):
                     log_train(t)
-                    decide(t, t.validate())
-                if t.checkpoint_every and t.step % t.checkpoint_every == 0:
-                    t.save_checkpoint()
+                    best = decide(t, t.validate())
+                periodic = bool(t.checkpoint_every) and t.step % t.checkpoint_every == 0
+                if periodic or best:
+                    t._save_checkpoint(None if periodic else "best")
             end_of_run(t, signals.received)
         finally:
             close(t)
@@ -80,7 +82,8 @@ def take_step(t: Trainer, on_epoch_start: list[Callable], on_step_end: list[Call
     if t.stage_plan is not None:
         t._sync_stage()
     set_rates(t.optimizer, t._base_lrs, t.schedule(t.step), t.lr)
-    result = train_step(t._parts, draws)
+    with t.records.throughput.measure(draws):  # tokens from the shapes; flops_per_item="count": the first step's
+        result = train_step(t._parts, draws)
     if killpoints.ACTIVE:
         killpoints.reached("step.optimizer")
     if not result.stepped:

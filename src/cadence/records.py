@@ -20,6 +20,7 @@ import torch
 from .loggers.build import build_loggers
 from .loggers.jsonl import JsonlLogger
 from .rundir import records_until
+from .throughput import Throughput
 
 
 # -- running means: kept on the device between log points, read with one host transfer
@@ -114,19 +115,20 @@ class History(list):
     """The logged records in order (the same objects ``metrics.jsonl`` holds).
 
     ``history[i]`` is a record; ``history["val/loss"]`` is the series of one metric, read from the records of
-    its split (``"train/loss"``, ``"train/<part>"``, ``"val/acc"``, ``"lr"``...).
+    its split (``"train/loss"``, ``"train/<part>"``, ``"val/acc"``, ``"val/<set>/loss"``, ``"lr"``...).
     """
 
     def __getitem__(self, key: Any) -> Any:
         if not isinstance(key, str):
             return super().__getitem__(key)
-        split, _, name = key.partition("/")
-        if not name:
+        if "/" not in key:
             return [r[key] for r in self if key in r]
         out = []
         for r in self:
-            if r.get("split") != split:
+            split = r.get("split")  # "val/<set>" of several validation sets has a "/" too
+            if not isinstance(split, str) or not key.startswith(f"{split}/"):
                 continue
+            name = key[len(split) + 1:]
             value = r.get(name, r.get("parts", {}).get(name))
             if value is not None:
                 out.append(value)
@@ -161,11 +163,13 @@ LOSS, GRAD_NORM = " loss", " grad_norm"
 
 
 class Records:
-    def __init__(self) -> None:
+    def __init__(self, throughput: Throughput | None = None) -> None:
         self.history = History()
         self.running = StepMeans()
         self.loggers: list[Any] = []
+        self.throughput = throughput if throughput is not None else Throughput()
         self._samples = 0
+        self._tokens: int | None = None
         self._start = self._last = time.perf_counter()
 
     def open(self, names: Sequence[str], run_dir: Path, config: dict[str, Any], step: int,
@@ -179,12 +183,14 @@ class Records:
 
     def start_clock(self) -> None:
         self._start = self._last = time.perf_counter()
-        self._samples = 0
+        self._samples, self._tokens = 0, None
 
     def add_step(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor | None,
                  samples: int) -> None:
-        """One step's values, kept on the device until the next log point."""
+        """One step's values, kept on the device until the next log point (its tokens: ``throughput.measure``)."""
         self._samples += samples
+        if self.throughput.step_tokens is not None:
+            self._tokens = (self._tokens or 0) + self.throughput.step_tokens
         self.running.add(LOSS, loss)
         for name, value in parts.items():
             self.running.add(name, value)
@@ -206,6 +212,7 @@ class Records:
         if not values:
             return out
         now = time.perf_counter()
+        seconds = max(now - self._last, 1e-9)
         record = {
             "step": step,
             "epoch": epoch,
@@ -214,10 +221,11 @@ class Records:
             **({"grad_norm": values.pop(GRAD_NORM)} if GRAD_NORM in values else {}),
             "parts": values,
             "lr": lr,
-            "samples_per_s": self._samples / max(now - self._last, 1e-9),
+            "samples_per_s": self._samples / seconds,
+            **self.throughput.rates(self._samples, self._tokens, seconds),  # tokens_per_s, mfu
             "elapsed_s": now - self._start,
         }
-        self._last, self._samples = now, 0
+        self._last, self._samples, self._tokens = now, 0, None
         return [*out, record]
 
     def emit(self, record: dict[str, Any]) -> None:

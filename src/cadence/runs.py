@@ -17,6 +17,7 @@ from .errors import bad
 
 # A run whose metrics.jsonl changed this recently (and that has not finished) counts as running.
 ACTIVE_MINUTES = 15.0
+TOP_LEVEL = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu")  # a record's own keys, not parts
 
 
 @dataclass
@@ -142,7 +143,7 @@ def metric_series(records: list[dict[str, Any]], name: str) -> list[tuple[int, f
     for r in records:
         if "loss" not in r or (split and r.get("split") != split):
             continue
-        value = r.get(key) if key in ("loss", "lr", "grad_norm", "samples_per_s") else (r.get("parts") or {}).get(key)
+        value = r.get(key) if key in TOP_LEVEL else (r.get("parts") or {}).get(key)
         if isinstance(value, (int, float)):
             out.append((int(r["step"]), float(value)))
     return out

@@ -6,7 +6,8 @@ A schedule never holds state: the rate of step ``s`` (0-based, the step about to
 
 - warm-up: for ``s < warmup_steps`` the rate rises linearly from ``warmup_start_lr`` (at ``s = 0``) towards
   ``lr`` (reached at ``s = warmup_steps``);
-- then, with ``p = (s - warmup_steps) / (max_steps - warmup_steps)``:
+- then, with ``p = min((s - warmup_steps) / (decay_steps - warmup_steps), 1)`` (``decay_steps``: default
+  ``max_steps``; as nanoGPT's ``lr_decay_iters``, the rate stays at ``min_lr`` after it):
   ``"constant"``: ``lr``; ``"linear"``: ``lr + (min_lr - lr) * p``;
   ``"cosine"``: ``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2``;
   ``"multistep"``: ``lr * gamma ** (number of milestones <= s)``; ``"exponential"``: ``lr * gamma ** s``;
@@ -54,14 +55,16 @@ class Schedule:
     unit: str = "step"
     steps_per_epoch: int | None = None
     plateau: Plateau | None = None
+    decay_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.name) and self.name not in SCHEDULES:
             raise bad("schedule", self.name, f"use one of {', '.join(SCHEDULES)}, or a callable step -> factor.")
         check_warmup(self.warmup_steps, self.max_steps)
-        if self.name in ("linear", "cosine") and self.max_steps is None:
-            raise bad("schedule", self.name,
-                      "a decaying schedule needs to know the run's length; set max_steps or max_epochs.")
+        self._check_decay_steps()
+        if self.name in ("linear", "cosine") and self.max_steps is None and self.decay_steps is None:
+            raise bad("schedule", self.name, "a decaying schedule needs to know the run's length; set max_steps or "
+                      "max_epochs, or the steps it decays over with decay_steps.")
         if self.min_lr < 0:
             raise bad("min_lr", self.min_lr, "use a rate >= 0.")
         if self.name == "multistep" and not self.milestones:
@@ -69,6 +72,19 @@ class Schedule:
         if list(self.milestones) != sorted(self.milestones):
             raise bad("milestones", self.milestones, "list the milestone steps in increasing order.")
         self._check_unit_and_plateau()
+
+    def _check_decay_steps(self) -> None:
+        if self.decay_steps is None:
+            return
+        if not isinstance(self.decay_steps, int) or isinstance(self.decay_steps, bool) or self.decay_steps < 1:
+            raise bad("decay_steps", self.decay_steps, "use a positive number of steps (the step at which the rate "
+                      "reaches min_lr), or None for max_steps.")
+        if self.name not in ("linear", "cosine"):
+            raise bad("decay_steps", self.decay_steps, f"it sets how long 'linear' and 'cosine' decay, and "
+                      f"schedule={self.name!r}; pass schedule='cosine' or 'linear', or leave decay_steps out.")
+        if self.decay_steps < self.warmup_steps:
+            raise bad("decay_steps", self.decay_steps, f"the decay would end before the warm-up does (warmup_steps="
+                      f"{self.warmup_steps}); use decay_steps >= warmup_steps.")
 
     def _check_unit_and_plateau(self) -> None:
         if self.unit not in UNITS:
@@ -101,7 +117,8 @@ class Schedule:
             return self.lr * self.gamma**passed
         if self.name == "exponential":
             return self.lr * self.gamma**at
-        span = max(self.max_steps - self.warmup_steps, 1)
+        end = self.decay_steps if self.decay_steps is not None else self.max_steps
+        span = max(end - self.warmup_steps, 1)
         p = min((step - self.warmup_steps) / span, 1.0)
         if self.name == "linear":
             return self.lr + (self.min_lr - self.lr) * p

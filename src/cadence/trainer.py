@@ -58,6 +58,8 @@ class Trainer:
         schedule: after warm-up: "constant", "linear", "cosine", "multistep", "exponential", "plateau", or a
             callable step -> factor.
         min_lr: the rate "linear" and "cosine" decay to.
+        decay_steps: the step at which "linear" and "cosine" reach min_lr, then kept (nanoGPT's lr_decay_iters);
+            default max_steps.
         milestones: steps at which "multistep" multiplies the rate by gamma.
         gamma: the factor of "multistep" and "exponential".
         schedule_unit: "step" or "epoch": what "multistep"'s milestones, "exponential" and a callable count.
@@ -69,6 +71,8 @@ class Trainer:
         val_every: validate every N steps (default: at each epoch end).
         val_batch_size: items per validation batch (default: batch_size).
         val_at_start: also validate before the first step (logged at step 0; not again on resume).
+        val_mean: with several validation sets (val_data={"name": data}), also log their mean as val/<name>
+            (each set counting once); by default each set is logged on its own only, as val/<set>/<name>.
         valid_frac: hold out this fraction of the training data for validation.
         split_by: callable(item) -> group, or one group label per item; with valid_frac, split by group.
         split_seed: seed of the validation split.
@@ -81,6 +85,11 @@ class Trainer:
             resumes exactly and is the same with any num_workers (docs/trainer.md, the data order contract).
         shuffle: visit each epoch in a seeded random order (the data order contract).
         log_every: read and log the running means every N steps.
+        tokens_per_item: tokens in one item, for tokens_per_s (None: counted from the batches when the items are
+            token sequences, an integer (batch, length) tensor first; 0: never).
+        flops_per_item: the training FLOPs (forward and backward) of one item, or "count" (torch's FlopCounterMode
+            over the first step); with peak_flops, the MFU of each log point.
+        peak_flops: the device's peak FLOPs per second, for the MFU (docs/tracking.md).
         seed: seeds the data order and, at the start of fit(), torch, numpy and random.
         seed_at_fit: seed torch, numpy and random when a fresh fit() starts (False: leave them as they are).
         device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps".
@@ -97,7 +106,8 @@ class Trainer:
         metrics: {"name": callable(output, batch) -> scalar} computed in validation.
         resume: "auto" (the newest valid checkpoint in run_dir, if any) or a checkpoint or run folder.
         keep_last: keep only the newest N checkpoints (None: keep all).
-        keep_best: (metric, "min" or "max"): also keep the checkpoint with the best value of metric.
+        keep_best: (metric, "min" or "max"): also keep the checkpoint with the best value of metric, saved at that
+            validation (the weights measured), also between checkpoint_every saves (docs/checkpoints.md).
         async_checkpoint: copy the state off the device and write the files in a background thread.
         on_nonfinite: "raise" at a non-finite loss, or "skip" the step (weights and optimizer untouched).
         max_nonfinite: with "skip", raise after this many non-finite steps in a row.
@@ -133,18 +143,21 @@ class Trainer:
         optimizer: OptimizerSpec = "adamw", optimizer_options: Mapping[str, Any] | None = None,
         fused: bool | None = None, lr: float = 1e-3,
         weight_decay: float = 0.0, warmup_steps: int = 0, warmup_start_lr: float = 0.0,
-        schedule: str | Callable[[int], float] = "constant", min_lr: float = 0.0, milestones: Sequence[int] = (),
+        schedule: str | Callable[[int], float] = "constant", min_lr: float = 0.0, decay_steps: int | None = None,
+        milestones: Sequence[int] = (),
         gamma: float = 0.1, schedule_unit: str = "step", plateau: Plateau | None = None,
         # the step
         grad_accum: int = 1, max_grad_norm: float | None = None, clip_per_group: bool = False, precision: str = "32",
         # validation
         val_every: int | None = None, val_batch_size: int | None = None, val_at_start: bool = False,
+        val_mean: bool = False,
         # the data
         valid_frac: float | None = None, split_by: Callable[[Any], Hashable] | Sequence[Hashable] | None = None,
         split_seed: int = 0, split_mode: str | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0, drop_last: bool = False, item_seeding: bool = True, shuffle: bool = True,
         # the run
-        log_every: int = 50, seed: int = 0, seed_at_fit: bool = True, device: str | torch.device = "auto",
+        log_every: int = 50, tokens_per_item: int | None = None, flops_per_item: float | str | None = None,
+        peak_flops: float | None = None, seed: int = 0, seed_at_fit: bool = True, device: str | torch.device = "auto",
         run_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
         checkpoint_every: int | None = None, callbacks: Sequence[Callback] = (),
         # the model's calls and outputs
@@ -182,6 +195,13 @@ class Trainer:
     def best_checkpoint(self) -> Path | None:
         """The checkpoint that ``keep_best`` keeps (the best value of its metric so far), or None."""
         return self.checkpoints.best() if self.checkpoints is not None and self.checkpoints.keep_best else None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch (0-based) that the last step took its batches from: the ``epoch`` of its records; 0 before
+        the first step. ``on_epoch_start`` runs before an epoch's first step, so there the epoch beginning is
+        ``epoch + 1`` (except for the first). With several sources, the first source's epoch."""
+        return self.stream.epoch
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -230,6 +250,7 @@ class Trainer:
             "data": self.stream.state_dict(),
             "validated_at": self._validated_at,
             "metrics": dict(self.last_val_metrics),
+            "best": self.checkpoints.best_state() if self.checkpoints is not None else None,
             "nonfinite": self.nonfinite_in_a_row,
             "nonfinite_total": self.nonfinite_total,
             "should_stop": self.should_stop,
@@ -253,6 +274,8 @@ class Trainer:
         self.stream.load_state_dict(state["data"])
         self._validated_at = state.get("validated_at")
         self.last_val_metrics = dict(state.get("metrics") or {})
+        if self.checkpoints is not None:
+            self.checkpoints.load_best_state(state.get("best"))
         self.nonfinite_in_a_row = int(state.get("nonfinite", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.should_stop, self.stop_reason = bool(state.get("should_stop")), state.get("stop_reason")
@@ -274,13 +297,17 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Save the full training state as ``RUN/checkpoints/step-NNNNNNNNN`` (atomically)."""
+        return self._save_checkpoint()
+
+    def _save_checkpoint(self, kept_for: str | None = None) -> Path:
+        """``save_checkpoint``; ``kept_for="best"``: saved only because this validation is the best so far."""
         if self._saver is None:
             raise bad("run_dir", None, "checkpoints need a run folder; pass run_dir=... (--run-dir).")
         self._saver.wait()  # a save in flight still reads the staging buffers that capture() refills
         files = capture(self, self._saver.staging)
         if killpoints.ACTIVE:
             killpoints.reached("checkpoint.capture", self.step)
-        self._saver.save(self.step, files)
+        self._saver.save(self.step, files, kept_for)
         self._saved_at, self._saved_records = self.step, len(self.history)
         return self.checkpoints.path(self.step)
 

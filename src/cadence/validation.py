@@ -30,8 +30,9 @@ class Validator:
 
     def __init__(self, parts: StepParts, every: int | None, batch_size: int, metric_fns: Mapping[str, Callable],
                  forward_kwargs: Mapping[str, Any] | None, collate_fn: Any, num_workers: int,
-                 pin_memory: bool) -> None:
+                 pin_memory: bool, mean: bool = False) -> None:
         self.parts, self.every, self.batch_size, self.metric_fns = parts, every, batch_size, dict(metric_fns)
+        self.mean = mean  # val_mean: with several validation sets, also their mean
         self.forward_kwargs = dict(forward_kwargs or {})
         self.collate_fn, self.num_workers, self.pin_memory = collate_fn, num_workers, pin_memory
 
@@ -41,9 +42,10 @@ class Validator:
             return False
         return step % self.every == 0 if self.every is not None else end_of_epoch
 
-    def measure(self, model: nn.Module, data: Any, signals: Any) -> dict[str, float]:
-        """The means of the loss, the parts and the metrics over ``data`` (each source of a dict on its own)."""
-        return measure_sources(data, partial(self._evaluate, model, signals))
+    def measure(self, model: nn.Module, data: Any, signals: Any) -> dict[str, dict[str, float]]:
+        """The means of the loss, the parts and the metrics over ``data``, by source (``""``: the data itself, or
+        with ``mean`` the sources' mean; data/valsets.py)."""
+        return measure_sources(data, partial(self._evaluate, model, signals), self.mean)
 
     def _evaluate(self, model: nn.Module, signals: Any, data: Any) -> dict[str, float]:
         p, strategy = self.parts, self.parts.strategy
@@ -74,10 +76,12 @@ def validate(trainer: Trainer, data: Any = None, split: str = "val") -> Metrics:
         except ValidationStopped:
             trainer.model.train()
             return result  # empty: nothing logged, and the loop stops at its next check
-        for name, means in measured:
-            result.update({f"{name}/{k}": v for k, v in means.items()})
-            trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": name,
-                           "loss": means.pop("loss"), "parts": means})
+        for name, by_source in measured:
+            for source, means in by_source.items():  # several validation sets: a record of its own each
+                where = f"{name}/{source}" if source else name
+                result.update({f"{where}/{k}": v for k, v in means.items()})
+                trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": where,
+                               "loss": means.pop("loss"), "parts": means})
     if killpoints.ACTIVE:
         killpoints.reached("val.end", trainer.step)
     trainer.model.train()
@@ -92,10 +96,11 @@ def validate(trainer: Trainer, data: Any = None, split: str = "val") -> Metrics:
     return result
 
 
-def decide(trainer: Trainer, metrics: dict[str, float]) -> None:
-    """What a validation in the loop decides: the plateau schedule's rate (after warm-up), early stopping."""
+def decide(trainer: Trainer, metrics: dict[str, float]) -> bool:
+    """What a validation in the loop decides: the plateau schedule's rate (after warm-up), early stopping, and
+    whether ``keep_best`` must save these weights (True: the best value of its metric so far)."""
     if not metrics:  # a validation that a stop signal cut short decides nothing
-        return
+        return False
     plateau = trainer.schedule.plateau
     if plateau is not None and trainer.step >= trainer.schedule.warmup_steps and plateau.observe(metrics, trainer.lr):
         trainer.progress.message(f"step {trainer.step}: {plateau.monitor} on a plateau, lr -> {plateau.lr:.3g}")
@@ -105,3 +110,4 @@ def decide(trainer: Trainer, metrics: dict[str, float]) -> None:
         trainer.progress.message(f"step {trainer.step}: {reason}")
         trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": "train", "event": "stop",
                        "reason": reason})
+    return trainer.checkpoints is not None and trainer.checkpoints.improves(metrics)

@@ -122,7 +122,9 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     """Load weights from a safetensors file or a foreign ``.pt``/``.ckpt`` (``weights_only=True``) into ``model``.
 
     Returns the model; with ``strict`` a mismatch raises an error listing the missing, unexpected and
-    mis-shaped keys.
+    mis-shaped keys. A module's extra state (``get_extra_state()``, state that is not a weight) is not in the
+    weights files cadence writes: when the file has none, the model keeps its own, so a model loads strictly
+    from the file it wrote.
     """
     tensors = read_weights(path)
     if strict:
@@ -133,10 +135,11 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
 
 
 def load_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load weights with one clear error that lists every missing, unexpected and mis-shaped key."""
+    """Load weights with one clear error that lists every missing, unexpected and mis-shaped key. Extra state
+    (``*._extra_state``) is loaded when ``tensors`` has it (a resume) and left as it is when not (a weights file)."""
     target = unwrap_compiled(model)
     own = {strip_compiled(k): v for k, v in target.state_dict().items()}
-    missing = sorted(set(own) - set(tensors))
+    missing = sorted(k for k in set(own) - set(tensors) if not is_extra_key(k))
     unexpected = sorted(set(tensors) - set(own))
     shapes = sorted(f"{k} {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(tensors) if isinstance(own[k], torch.Tensor)
@@ -147,4 +150,5 @@ def load_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: st
                                                 ("mis-shaped", shapes)) if keys)
         raise ConfigError(f"weights from {source!r} do not fit this model ({listing}); use the model they were "
                           "trained with (the same class and arguments), or start a new run.")
-    target.load_state_dict(dict(tensors), strict=True)
+    # strict=False only lets extra state the file lacks stay as it is: every other key was checked above
+    target.load_state_dict(dict(tensors), strict=not any(is_extra_key(k) and k not in tensors for k in own))

@@ -28,29 +28,31 @@ class Saver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, step: int, files: dict[str, Any]) -> None:
+    def save(self, step: int, files: dict[str, Any], kept_for: str | None = None) -> None:
+        """Write the checkpoint of ``step``; ``kept_for="best"`` marks one saved only for ``keep_best``."""
         self.wait()
+        meta = {"step": step, **({"kept_for": kept_for} if kept_for else {})}
         if self.strategy.writes_together:
-            self._write_together(step, files)
+            self._write_together(step, files, meta)
         elif not self.background:
-            self._write(step, files)
+            self._write(step, files, meta)
         else:
-            self._thread = threading.Thread(target=self._write_catching, args=(step, files), daemon=True,
+            self._thread = threading.Thread(target=self._write_catching, args=(step, files, meta), daemon=True,
                                             name="cadence-checkpoint")
             self._thread.start()
 
-    def _write(self, step: int, files: dict[str, Any]) -> None:
+    def _write(self, step: int, files: dict[str, Any], meta: dict[str, Any]) -> None:
         with killpoints.saving(step):
-            write_checkpoint(self.store.path(step), files, {"step": step})
+            write_checkpoint(self.store.path(step), files, meta)
             if killpoints.ACTIVE:
                 killpoints.reached("checkpoint.committed")
             self.store.prune()
 
-    def _write_together(self, step: int, files: dict[str, Any]) -> None:
+    def _write_together(self, step: int, files: dict[str, Any], meta: dict[str, Any]) -> None:
         with killpoints.saving(step):
-            self._write_shares(step, files)
+            self._write_shares(step, files, meta)
 
-    def _write_shares(self, step: int, files: dict[str, Any]) -> None:
+    def _write_shares(self, step: int, files: dict[str, Any], meta: dict[str, Any]) -> None:
         folder = self.store.path(step)
         tmp = temp_folder(folder, shared=True)
         if self.strategy.is_main:
@@ -60,15 +62,15 @@ class Saver:
         write_files(tmp, files)
         self.strategy.barrier()
         if self.strategy.is_main:
-            commit(tmp, folder, entries_on_disk(tmp), {"step": step, "world_size": self.strategy.world_size})
+            commit(tmp, folder, entries_on_disk(tmp), {**meta, "world_size": self.strategy.world_size})
             if killpoints.ACTIVE:
                 killpoints.reached("checkpoint.committed")
             self.store.prune()
         self.strategy.barrier()
 
-    def _write_catching(self, step: int, files: dict[str, Any]) -> None:
+    def _write_catching(self, step: int, files: dict[str, Any], meta: dict[str, Any]) -> None:
         try:
-            self._write(step, files)
+            self._write(step, files, meta)
         except BaseException as err:  # reported by the next wait() in the training thread
             self._error = err
 

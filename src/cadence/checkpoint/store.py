@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -18,9 +19,12 @@ NAME = re.compile(r"^step-(\d{9})$")
 class Checkpoints:
     """``RUN/checkpoints/step-000001200/`` folders, newest last.
 
-    ``keep_last`` keeps the newest N; ``keep_best=(metric, "min"|"max")`` also keeps the one with the best
-    value of ``metric`` at its save. Old checkpoints are removed only after a new one is committed, and only
-    folders whose manifest says cadence wrote them.
+    ``keep_best=(metric, "min"|"max")`` keeps the checkpoint with the best value of ``metric`` among those
+    saved at a validation (the weights that were measured); the loop saves one at every validation that
+    improves on the best (``improves``), marked ``"kept_for": "best"`` in its manifest when no
+    ``checkpoint_every`` save fell on that step. ``keep_last`` keeps the newest N of the other checkpoints; a
+    best-only checkpoint stays while it is the best. Old checkpoints are removed only after a new one is
+    committed, and only folders whose manifest says cadence wrote them.
     """
 
     def __init__(self, root: str | Path, keep_last: int | None = None,
@@ -28,6 +32,7 @@ class Checkpoints:
         self.root = Path(root)
         self.keep_last = keep_last
         self.keep_best = keep_best
+        self.best_value: float | None = None  # the best value of keep_best's metric saved so far (resumed too)
 
     def path(self, step: int) -> Path:
         return self.root / f"step-{step:09d}"
@@ -61,10 +66,14 @@ class Checkpoints:
             self._recover()
             for stray in self.root.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(stray, ignore_errors=True)
-        if self.keep_last is None:
+        if self.keep_last is None and self.keep_best is None:
             return
         folders = [f for f in self.folders() if written_by_cadence(f)]  # a user's folder is never counted
-        keep = set(folders[-self.keep_last:]) if self.keep_last > 0 else set()
+        periodic = [f for f in folders if kept_for(f) != "best"]
+        if self.keep_last is None:
+            keep = set(periodic)
+        else:
+            keep = set(periodic[-self.keep_last:]) if self.keep_last > 0 else set()
         best = self._best(folders)
         if best is not None:
             keep.add(best)
@@ -85,19 +94,56 @@ class Checkpoints:
             raise bad("keep_best", tuple(self.keep_best), f"{self.keep_best[0]!r} is never logged; the logged names "
                       f"are {', '.join(sorted(metrics))}.")
 
+    def improves(self, metrics: dict[str, float]) -> bool:
+        """Whether this validation's value of ``keep_best``'s metric beats every one saved so far (then it is
+        remembered: the caller saves a checkpoint at this validation)."""
+        if self.keep_best is None or self.keep_best[0] not in metrics:
+            return False
+        metric, mode = self.keep_best
+        value = float(metrics[metric])
+        if math.isnan(value):
+            return False
+        if self.best_value is not None and not (value < self.best_value if mode == "min" else value > self.best_value):
+            return False
+        self.best_value = value
+        return True
+
+    def best_state(self) -> dict[str, Any] | None:
+        """``keep_best`` and the best value saved so far, for the checkpoint (``cadence export --best`` reads the
+        metric from it when the run has no config.yaml)."""
+        if self.keep_best is None:
+            return None
+        return {"metric": self.keep_best[0], "mode": self.keep_best[1], "value": self.best_value}
+
+    def load_best_state(self, state: dict[str, Any] | None) -> None:
+        self.best_value = state.get("value") if state and self.keep_best is not None \
+            and [state.get("metric"), state.get("mode")] == list(self.keep_best) else None
+
     def _best(self, folders: list[Path]) -> Path | None:
+        """The checkpoint with the best value among those saved at their validation's step (whose weights are the
+        validated ones; a checkpoint saved steps after a validation holds other weights than those measured)."""
         if self.keep_best is None:
             return None
         metric, mode = self.keep_best
         scored = []
         for folder in folders:
             try:
-                value = read_json(folder / "trainer.json").get("metrics", {}).get(metric)
+                state = read_json(folder / "trainer.json")
             except CheckpointError:
                 continue
-            if value is not None:
+            value = state.get("metrics", {}).get(metric)
+            if value is not None and state.get("validated_at") == state.get("step") and not math.isnan(value):
                 scored.append((value if mode == "min" else -value, folder))
         return min(scored)[1] if scored else None
+
+
+def kept_for(folder: Path) -> str | None:
+    """Why a checkpoint was saved besides ``checkpoint_every`` (``"best"``: at a best validation), from its
+    manifest; None for a periodic (or end-of-run, or signal) checkpoint."""
+    try:
+        return read_json(folder / "manifest.json").get("kept_for")
+    except CheckpointError:
+        return None
 
 
 def written_by_cadence(folder: Path) -> bool:

@@ -15,13 +15,18 @@ from ..weights import write_safetensors
 
 
 def best_checkpoint(run: Path) -> Path:
-    """The checkpoint that the run's ``trainer.keep_best`` (from its config.yaml) kept."""
+    """The checkpoint that the run's ``trainer.keep_best`` (from its config.yaml, else as its newest checkpoint
+    recorded it: a run trained from Python) kept."""
     from ..runs import read_config
 
     keep_best = (read_config(run).get("trainer") or {}).get("keep_best")
+    found = Checkpoints(run / "checkpoints").latest() if not keep_best else None
+    recorded = read_json(found[0] / "trainer.json").get("best") if found else None
+    if recorded:
+        keep_best = (recorded["metric"], recorded["mode"])
     if not keep_best:
         raise ConfigError(f"--best: the run {str(run)!r} was not trained with keep_best (no trainer.keep_best in its "
-                          "config.yaml); export its newest weights without --best.")
+                          "config.yaml nor in its checkpoints); export its newest weights without --best.")
     best = Checkpoints(run / "checkpoints", keep_best=tuple(keep_best)).best()
     if best is None:
         raise ConfigError(f"--best: the run {str(run)!r} has no checkpoint with a value of {keep_best[0]!r} yet; "

@@ -25,7 +25,7 @@ TRACKERS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 # Keys of a train record that become top-level scalars (no "train/" prefix), as trackers usually name them.
-TOP_LEVEL = ("lr", "grad_norm", "samples_per_s")
+TOP_LEVEL = ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu")
 
 
 def check_loggers(names: str | Iterable[str], has_run_dir: bool = True) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from .. import killpoints
 
 NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # Fields of a record that hold numbers (or null); anything else there makes the line damaged.
-NUMBERS = ("loss", "lr", "grad_norm", "samples_per_s", "elapsed_s", "value", "skipped_total")
+NUMBERS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "elapsed_s", "value", "skipped_total")
 
 _warned: set[tuple[str, int, int]] = set()  # (file, mtime, size) already reported, so each damage warns once
 
