@@ -99,7 +99,7 @@ FIT_OPTIONS = [
     "--trainer.item_seeding", "--trainer.keep_best", "--trainer.keep_last", "--trainer.log_every",
     "--trainer.loggers", "--trainer.loggers+", "--trainer.loss_weights", "--trainer.lr", "--trainer.max_epochs",
     "--trainer.max_grad_norm", "--trainer.max_nonfinite", "--trainer.max_steps", "--trainer.metrics",
-    "--trainer.metrics.help", "--trainer.milestones", "--trainer.milestones+", "--trainer.min_lr",
+    "--trainer.milestones", "--trainer.milestones+", "--trainer.min_lr",
     "--trainer.mix", "--trainer.num_workers", "--trainer.on_nonfinite", "--trainer.optimizer",
     "--trainer.optimizer.help", "--trainer.optimizer_options", "--trainer.param_groups", "--trainer.part_names",
     "--trainer.part_names+", "--trainer.plateau", "--trainer.plateau.help", "--trainer.precision",

@@ -139,7 +139,7 @@ class Trainer:
         # validation
         val_every: int | None = None, val_batch_size: int | None = None, val_at_start: bool = False,
         # the data
-        valid_frac: float | None = None, split_by: Callable[[Any], Hashable] | Sequence[Hashable] | None = None,
+        valid_frac: float | None = None, split_by: Callable[[Any], Any] | Sequence[Hashable] | None = None,
         split_seed: int = 0, split_mode: str | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0, drop_last: bool = False, item_seeding: bool = True, shuffle: bool = True,
         # the run
@@ -149,7 +149,7 @@ class Trainer:
         # the model's calls and outputs
         forward: Forward | None = None, forward_kwargs: Mapping[str, Any] | None = None,
         val_forward_kwargs: Mapping[str, Any] | None = None, part_names: Sequence[str] | None = None,
-        metrics: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
+        metrics: Mapping[str, Callable[[Any, Any], Any]] | None = None,
         # checkpoints
         resume: str | Path | None = None, keep_last: int | None = None, keep_best: tuple[str, str] | None = None,
         async_checkpoint: bool = False, on_nonfinite: str = "raise", max_nonfinite: int = 10,
@@ -160,8 +160,8 @@ class Trainer:
         # several sources
         mix: str | None = None, source_weights: Mapping[str, float] | None = None,
         sampler: str | Mapping[str, str | None] | None = None,
-        balance_by: Callable[[Any], Hashable] | Sequence[Hashable]
-        | Mapping[str, Callable[[Any], Hashable] | Sequence[Hashable]] | None = None,
+        balance_by: Callable[[Any], Any] | Sequence[Hashable]
+        | Mapping[str, Callable[[Any], Any] | Sequence[Hashable]] | None = None,
         inputs: Sequence[str] | None = None, loss_weights: Mapping[str, float] | None = None,
         # engines, loggers, profiling, compiling
         strategy: str = "auto", find_unused_parameters: bool = False, loggers: Sequence[str] = ("jsonl",),

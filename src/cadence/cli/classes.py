@@ -97,6 +97,50 @@ def check_init_args(target: Any, init_args: dict[str, Any], key: str, path: str)
                           f"--{key}.init_args.{missing[0]} VALUE or set it in the config.")
 
 
+def untyped_required(target: Any) -> list[str]:
+    """The required constructor arguments of ``target`` that carry no type hint."""
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.default is p.empty and p.annotation is p.empty]
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """A mapping's or a jsonargparse Namespace's own level (a Namespace's ``items()`` flattens the levels)."""
+    if isinstance(value, dict):
+        return value
+    return dict(vars(value)) if type(value).__name__ == "Namespace" else {}
+
+
+def check_given(value: Any, key: str) -> None:
+    """Every required untyped argument of the classes in ``value`` (a parsed ``{class_path, init_args}``, or
+    lists and mappings of them, nested) is given: jsonargparse fills a left-out one with None."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_given(v, f"{key}[{i}]")
+        return
+    as_dict = _fields(value)
+    if "class_path" not in as_dict:
+        for k, v in as_dict.items():
+            check_given(v, f"{key}.{k}")
+        return
+    path = str(as_dict["class_path"])
+    init = _fields(as_dict.get("init_args"))
+    try:
+        target = import_class(path, key)
+    except ConfigError:
+        return  # jsonargparse imported it when parsing; a class made on the fly has no import path
+    missing = [n for n in untyped_required(target) if init.get(n) is None]
+    if missing:
+        raise ConfigError(f"{key}.init_args: {path} needs {', '.join(missing)} ({takes(target)}); give "
+                          f"--{key}.init_args.{missing[0]} VALUE or set it in the config (any value YAML can "
+                          "write: the argument has no type hint, so it is passed as given).")
+    for k, v in init.items():
+        check_given(v, f"{key}.init_args.{k}")
+
+
 def check_spec(spec: Any, key: str) -> Any:
     """The target of a ``{class_path, init_args}`` mapping, checked; ``None`` stays ``None``."""
     if spec is None:
@@ -116,17 +160,64 @@ def check_spec(spec: Any, key: str) -> Any:
 
 
 def build(spec: Any, key: str) -> Any:
-    """An object from ``{class_path, init_args}``; its constructor's error as one sentence."""
+    """An object from ``{class_path, init_args}``, a ``class_path`` in its ``init_args`` (or in a list or mapping
+    there) built first; a constructor's error as one sentence naming the argument and the class."""
     target = check_spec(spec, key)
     if target is None:
         return None
-    init_args = spec.get("init_args") or {}
+    init_args = {k: _built(v, f"{key}.init_args.{k}") for k, v in (spec.get("init_args") or {}).items()}
     try:
         return target(**init_args)
     except Exception as err:
         args = ", ".join(f"{k}={v!r}" for k, v in init_args.items())
         raise ConfigError(f"{key}: {spec['class_path']}({args}) failed{_raised_at(err)}: {type(err).__name__}: "
-                          f"{' '.join(str(err).split())}") from None
+                          f"{' '.join(str(err).split())}; fix the value of the argument it names (an argument "
+                          "without a type hint is passed exactly as the config writes it).") from None
+
+
+def _built(value: Any, key: str) -> Any:
+    if isinstance(value, dict) and "class_path" in value:
+        return build(value, key)
+    if isinstance(value, list):
+        return [_built(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _built(v, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def _diagnose(cfg: Any) -> None:
+    """Build the model (and the trainer's classes) again, with :func:`build`, to name what jsonargparse's
+    error hides: which argument of which class failed, with the constructor's own error."""
+    def plain(value: Any) -> Any:
+        return value.as_dict() if type(value).__name__ == "Namespace" else value
+
+    try:
+        _built(plain(cfg.get("model")), "model")
+        for name, value in _fields(cfg.get("trainer")).items():
+            if name != "optimizer":  # a class_path there is given its params by cadence, not by the config
+                _built(plain(value) if not isinstance(value, list) else [plain(v) for v in value], f"trainer.{name}")
+    except ConfigError:
+        raise
+    except Exception:  # noqa: S110 - nothing clearer to say than jsonargparse's own error
+        pass
+
+
+DOTTED = ("optimizer", "schedule")  # options whose plain string is a name, or a dotted path to a callable
+
+
+def resolve_dotted(trainer: dict[str, Any]) -> dict[str, Any]:
+    """``trainer`` with a dotted-path string of :data:`DOTTED` replaced by what it names (a function, or a
+    class called as one: an optimizer class is called with the parameter groups)."""
+    out = dict(trainer)
+    for name in DOTTED:
+        value = out.get(name)
+        if isinstance(value, str) and "." in value:
+            target = import_class(value, f"trainer.{name}")
+            if not callable(target):
+                raise ConfigError(f"trainer.{name}={value!r}: it is a {type(target).__name__}, not a function or "
+                                  "a class; give the dotted path of a function (or of a class called as one).")
+            out[name] = target
+    return out
 
 
 def instantiate(parser: Any, cfg: Any) -> Any:
@@ -137,6 +228,7 @@ def instantiate(parser: Any, cfg: Any) -> Any:
     except ConfigError:
         raise
     except Exception as err:
+        _diagnose(cfg)  # raises the real reason when it finds one
         while (err.__cause__ or err.__context__) is not None:  # jsonargparse wraps the constructor's own error
             err = err.__cause__ or err.__context__  # type: ignore[assignment]
         frames = traceback.extract_tb(err.__traceback__)
@@ -175,6 +267,11 @@ def explain_class_error(message: str) -> str | None:
                 f"--{key}.init_args.NAME VALUE or set them in the config.")
     value = re.search(r'Parser key "(\w+)":\s*\n\s*Expected a <class \'(\w+)\'>\. Got value: (.+)', message)
     if value:
-        return (f"{key}.init_args.{value.group(1)}={value.group(3).strip()!r}: expected a value of type "
-                f"{value.group(2)}; fix the value.")
+        # the keys of the classes it is nested in (an untyped argument holding a class_path), outermost first
+        keys = re.findall(r'Parser key "([\w.]+)"', message[:value.end()])
+        owners = re.findall(r"Given value: \{'class_path': '([\w.]+)'", message)
+        where = ".init_args.".join(keys) if len(keys) > 2 else f"{key}.init_args.{value.group(1)}"
+        owner = owners[0] if len(keys) > 2 and owners else path
+        return (f"{where}={value.group(3).strip()!r}: {owner} expects a value of type {value.group(2)} there; fix "
+                "the value.")
     return None
