@@ -73,6 +73,8 @@ class Trainer:
         split_seed: seed of the validation split.
         split_mode: "random", "groups" (whole groups held out), "stratified" (valid_frac of every group) or
             "torch" (torch's random_split); default "groups" with split_by, else "random" (docs/features.md).
+        val_indices: the training data's items to hold out for validation, instead of valid_frac: their indices,
+            or a callable(train_data) -> indices (or a Subset), e.g. running a seed's own split.
         collate_fn: how a list of items becomes a batch (map-style datasets).
         num_workers: DataLoader worker processes (map-style datasets).
         drop_last: drop the last, partial global batch of each epoch.
@@ -93,6 +95,8 @@ class Trainer:
         forward_kwargs: keyword arguments added to every training call of the model, e.g. flags.
         val_forward_kwargs: keyword arguments of every validation call (None: the same as forward_kwargs).
         part_names: names of the entries of a (loss, (part, ...)) tuple (default: part0, part1, ...).
+        loss_index: which entry of a tuple the model returns is the loss, e.g. 1 for nanoGPT's (logits, loss);
+            the other entries that are scalars are parts (named by part_names), the rest go to metrics only.
         metrics: {"name": callable(output, batch) -> scalar} computed in validation.
         resume: "auto" (the newest valid checkpoint in run_dir, if any) or a checkpoint or run folder.
         keep_last: keep only the newest N checkpoints (None: keep all).
@@ -140,7 +144,9 @@ class Trainer:
         val_every: int | None = None, val_batch_size: int | None = None, val_at_start: bool = False,
         # the data
         valid_frac: float | None = None, split_by: Callable[[Any], Any] | Sequence[Hashable] | None = None,
-        split_seed: int = 0, split_mode: str | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
+        split_seed: int = 0, split_mode: str | None = None,
+        val_indices: Sequence[int] | Callable[[Any], Any] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0, drop_last: bool = False, item_seeding: bool = True, shuffle: bool = True,
         # the run
         log_every: int = 50, seed: int = 0, seed_at_fit: bool = True, device: str | torch.device = "auto",
@@ -149,6 +155,7 @@ class Trainer:
         # the model's calls and outputs
         forward: Forward | None = None, forward_kwargs: Mapping[str, Any] | None = None,
         val_forward_kwargs: Mapping[str, Any] | None = None, part_names: Sequence[str] | None = None,
+        loss_index: int | None = None,
         metrics: Mapping[str, Callable[[Any, Any], Any]] | None = None,
         # checkpoints
         resume: str | Path | None = None, keep_last: int | None = None, keep_best: tuple[str, str] | None = None,
