@@ -121,6 +121,10 @@ def check_given(value: Any, key: str) -> None:
         for i, v in enumerate(value):
             check_given(v, f"{key}[{i}]")
         return
+    if isinstance(value, dict) and "class_path" in value:  # jsonargparse left it as written: it did not validate
+        _built(value, key)  # raises the reason (an import, a name, the constructor's own error)
+        raise ConfigError(f"{key}={value!r}: the class does not accept these values; check each init_args entry "
+                          "against its constructor.")
     as_dict = _fields(value)
     if "class_path" not in as_dict:
         for k, v in as_dict.items():
@@ -223,6 +227,18 @@ def resolve_dotted(trainer: dict[str, Any]) -> dict[str, Any]:
 def instantiate(parser: Any, cfg: Any) -> Any:
     """jsonargparse's ``instantiate`` (the model and the trainer's classes); a constructor's error in one
     sentence, naming the section."""
+    from jsonargparse import set_parsing_settings
+    from jsonargparse._common import get_parsing_setting
+
+    # a class_path under an untyped argument is built (jsonargparse 5 will stop doing so by default), and one
+    # whose constructor fails is an error, not a mapping passed on as is
+    names = ("instantiate_subclass_spec_in_any", "validate_subclass_spec_in_any")
+    before = {name: get_parsing_setting(name) for name in names}
+    set_parsing_settings(**dict.fromkeys(names, True))
+    cfg = cfg.clone()
+    for section in ("data", "val_data", "test_data"):  # built by build(), not here
+        if section in cfg:
+            cfg[section] = None
     try:
         return parser.instantiate(cfg)
     except ConfigError:
@@ -236,6 +252,8 @@ def instantiate(parser: Any, cfg: Any) -> Any:
         where = f" ({ours[-1].filename}:{ours[-1].lineno})" if ours else ""
         raise ConfigError(f"building the model (or a class under trainer) failed{where}: {type(err).__name__}: "
                           f"{' '.join(str(err).split())}") from None
+    finally:
+        set_parsing_settings(**{k: v for k, v in before.items() if v is not None})
 
 
 def explain_class_error(message: str) -> str | None:

@@ -22,14 +22,12 @@ SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "resume"}
 
 
 def fit_parser() -> Any:
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, set_parsing_settings
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
     from torch import nn
 
     from ..trainer import Trainer
     from .help import short_help_parser
 
-    # a class_path under an untyped argument that does not build is an error, not a mapping passed on as is
-    set_parsing_settings(validate_subclass_spec_in_any=True)
     parser = short_help_parser(ArgumentParser)(
         prog="cadence fit", exit_on_error=False,
         description="Train a model. With no --config and no --model: the built-in digits demo.")
