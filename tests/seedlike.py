@@ -144,3 +144,10 @@ class Repeat(Dataset):
 
     def __getitem__(self, i):
         return self.base[i % len(self.base)]
+
+
+class LossMethod(NoForward):
+    """A model whose loss is a method other than forward (``forward: seedlike.LossMethod.loss``)."""
+
+    def loss(self, batch):
+        return single_batch_loss(self, batch)

@@ -200,3 +200,20 @@ def test_two_runs_of_a_constructor_that_draws_from_random_start_alike(tmp_path: 
     second = fit(tmp_path, model, name="b", max_steps=1)
     a, b = load_file(first / "final" / "model.safetensors"), load_file(second / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_and_aux_combined_by_weights(tmp_path: Path) -> None:
+    """tf-bind's ``model.combine_losses(loss, aux_loss)``: "loss" in loss_weights names the tuple's first entry."""
+    plain = fit(tmp_path, classifier("seedlike.WithAux"), name="plain", part_names=["aux"])
+    run = fit(tmp_path, classifier("seedlike.WithAux"), part_names=["aux"], loss_weights={"loss": 1.0, "aux": 2.0})
+    first, weighted = records(plain)[0], records(run)[0]
+    assert weighted["parts"]["aux"] == pytest.approx(first["parts"]["aux"])
+    assert weighted["loss"] == pytest.approx(first["loss"] + 2.0 * first["parts"]["aux"], rel=1e-5)
+    assert set(weighted["parts"]) == {"aux"}
+
+
+def test_a_loss_method_of_the_model_class_as_forward(tmp_path: Path) -> None:
+    model = {"class_path": "seedlike.LossMethod", "init_args": {"dim": 4, "classes": 3}}
+    by_method = fit(tmp_path, model, name="method", forward="seedlike.LossMethod.loss")
+    by_function = fit(tmp_path, model, name="function", forward="seedlike.single_batch_loss")
+    assert [r["loss"] for r in records(by_method)] == [r["loss"] for r in records(by_function)]

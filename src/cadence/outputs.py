@@ -219,6 +219,8 @@ def _weighted(out: Any, training: bool, loss_weights: Mapping[str, float],
         num_items = out.get("num_items")
     elif _is_pair(out):
         raw, num_items = named_parts(out[1], part_names), None
+        if "loss" in loss_weights:  # tf-bind's combine_losses(loss, aux_loss): the first entry weighted too
+            raw = {"loss": out[0], **raw}
     else:
         raise bad("model output", type(out).__name__, "with loss_weights the model must return its parts: a dict "
                   "of named scalar losses, or (loss, parts).")
@@ -236,5 +238,5 @@ def _weighted(out: Any, training: bool, loss_weights: Mapping[str, float],
         raise bad("model output loss", "a tensor with no grad", "the weighted parts are not connected to any "
                   "trainable parameter; return them undetached.")
     parts = (_parts(raw, (), training) if isinstance(out, Mapping)
-             else {k: _scalar(k, v, vectors=True) for k, v in raw.items()})
+             else {k: _scalar(k, v, vectors=True) for k, v in raw.items() if k != "loss"})
     return Output(loss, parts, num_items)

@@ -119,7 +119,8 @@ class Trainer:
         balance_by: callable(item) -> label, or one label per item; balanced sampling draws every label equally
             often. With several sources also {"source": either}.
         inputs: names of a tuple batch's fields, passed to forward as keyword arguments.
-        loss_weights: {"part": weight}: the loss is the weighted sum of these parts.
+        loss_weights: {"part": weight}: the loss is the weighted sum of these parts ("loss" names the first entry
+            of a (loss, parts) tuple, e.g. {"loss": 1.0, "aux": 0.05} for tf-bind's (loss, aux_loss)).
         strategy: "auto" (DDP when torchrun started several processes), "single", "ddp" or "fsdp" (FSDP2).
         find_unused_parameters: DDP's own option, for a model whose steps leave some parameters without a
             gradient (a branch not taken); it costs a pass over the autograd graph each step. No effect otherwise.

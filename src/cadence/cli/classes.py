@@ -54,9 +54,14 @@ def import_class(path: Any, key: str) -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         found = importlib.import_module(module)
+    except ModuleNotFoundError as err:  # module.Class.method: the class's attribute
+        owner = _class_attribute(module)
+        if owner is None:
+            raise _module_error(key, path, module, err) from None
+        found = owner
     except Exception as err:  # SyntaxError, ImportError, or anything the module raised while importing
         raise _module_error(key, path, module, err) from None
-    if not hasattr(found, attr):
+    if not hasattr(found, attr):  # a module or (module.Class.method) a class
         names = sorted(n for n, v in vars(found).items()
                        if (inspect.isclass(v) or inspect.isfunction(v)) and not n.startswith("_"))
         close = difflib.get_close_matches(attr, names, n=1)
@@ -65,6 +70,16 @@ def import_class(path: Any, key: str) -> Any:
         raise ConfigError(f"{key}.class_path={path!r}: {module} ({getattr(found, '__file__', '?')}) has no "
                           f"{attr!r}; {hint}")
     return getattr(found, attr)
+
+
+def _class_attribute(path: str) -> Any:
+    """The class at ``path`` (``module.Class``) when ``path`` is no module, else None."""
+    module, _, name = path.rpartition(".")
+    try:
+        owner = getattr(importlib.import_module(module), name, None) if module else None
+    except Exception:
+        return None
+    return owner if inspect.isclass(owner) else None
 
 
 def parameters(target: Any) -> tuple[list[str], list[str], bool]:
