@@ -217,3 +217,17 @@ def test_a_loss_method_of_the_model_class_as_forward(tmp_path: Path) -> None:
     by_method = fit(tmp_path, model, name="method", forward="seedlike.LossMethod.loss")
     by_function = fit(tmp_path, model, name="function", forward="seedlike.single_batch_loss")
     assert [r["loss"] for r in records(by_method)] == [r["loss"] for r in records(by_function)]
+
+
+def test_several_sources_each_by_its_class_path(tmp_path: Path) -> None:
+    """tf-bind's positives, negatives and scoped negatives: ``data: {name: {class_path: ...}, ...}``."""
+    sources = {"pos": DATA, "neg": {"class_path": "seedlike.Points", "init_args": {"n": 32, "seed": 1}}}
+    run = fit(tmp_path, classifier(), sources, mix="concat", max_steps=2)
+    assert len(records(run)) == 2
+    val = {"a": {"class_path": "seedlike.Points", "init_args": {"n": 16, "seed": 2}}, "b": DATA}
+    path = config(tmp_path, classifier(), sources, mix="each", val_every=2, max_steps=2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["val_data"] = val
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), "--run-dir", str(tmp_path / "two")]) == 0
+    assert {"a/loss", "b/loss"} <= set(records(tmp_path / "two", "val")[-1]["parts"])

@@ -160,13 +160,27 @@ def check_given(value: Any, key: str) -> None:
         check_given(v, f"{key}.init_args.{k}")
 
 
+def sources(spec: Any) -> dict[str, Any] | None:
+    """The data sources of a section written as ``{name: {class_path, init_args}, ...}`` (several sources, as
+    ``train_data={"name": data}``); None for one source. The section arrives with the names under init_args."""
+    if not isinstance(spec, dict) or "class_path" in spec:
+        return None
+    named = spec.get("init_args") or {}
+    if named and all(isinstance(v, dict) and "class_path" in v for v in named.values()):
+        return named
+    return None
+
+
 def check_spec(spec: Any, key: str) -> Any:
     """The target of a ``{class_path, init_args}`` mapping, checked; ``None`` stays ``None``."""
     if spec is None:
         return None
+    named = sources(spec)
+    if named is not None:
+        return {name: check_spec(v, f"{key}.{name}") for name, v in named.items()}
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ConfigError(f"{key}={spec!r}: give a mapping with class_path (and optional init_args), e.g. "
-                          "{class_path: cadence.demo.Digits}.")
+                          "{class_path: cadence.demo.Digits}, or several sources as {name: {class_path: ...}, ...}.")
     path = str(spec["class_path"])
     target = import_class(path, key)
     if not callable(target):
@@ -181,6 +195,9 @@ def check_spec(spec: Any, key: str) -> Any:
 def build(spec: Any, key: str) -> Any:
     """An object from ``{class_path, init_args}``, a ``class_path`` in its ``init_args`` (or in a list or mapping
     there) built first; a constructor's error as one sentence naming the argument and the class."""
+    named = sources(spec)
+    if named is not None:
+        return {name: build(v, f"{key}.{name}") for name, v in named.items()}
     target = check_spec(spec, key)
     if target is None:
         return None
