@@ -174,3 +174,12 @@ def test_a_last_batch_of_one_item_still_gets_its_mask():
     assert [len(clips) for clips, _, _ in model.batches] == [4, 4, 1]
     clips, _, mask = model.batches[-1]
     assert mask.dtype == torch.bool and mask.shape == clips.shape and mask.all()
+
+
+def test_pad_collate_with_a_value_from_a_config() -> None:
+    """``collate_fn: {class_path: cadence.data.PadCollate, init_args: {value: -1}}``: meshgpt's pad id."""
+    from cadence.data import PadCollate, pad_collate
+
+    items = [{"faces": torch.ones(2, 3)}, {"faces": torch.ones(4, 3)}]
+    by_class, by_function = PadCollate(-1)(items), pad_collate(items, value=-1)
+    assert torch.equal(by_class["faces"], by_function["faces"]) and by_class["faces"][0, 2:].eq(-1).all()

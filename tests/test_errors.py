@@ -204,8 +204,8 @@ OUTPUT_CASES = [
     ("non_scalar_loss_in_dict", lambda loss, logits: {"loss": logits[:, 0]}, ["model output loss=", "(4,)"]),
     ("detached_loss", lambda loss, logits: loss.detach(), ["model output loss=", "no grad"]),
     ("constant_loss", lambda loss, logits: torch.tensor(1.0), ["model output loss=", "no grad"]),
-    ("part_not_scalar_tuple", lambda loss, logits: (loss, {"vec": torch.ones(3)}),
-     ["model output part 'vec'", "(3,)", "scalar"]),
+    ("part_not_scalar_tuple", lambda loss, logits: (loss, {"vec": torch.ones(3, 2)}),  # a vector is summed
+     ["model output part 'vec'", "(3, 2)", "scalar"]),
     ("part_not_scalar_dict", lambda loss, logits: {"loss": loss, "logits": logits},
      ["model output part 'logits'", "(4, 2)"]),
     ("part_not_a_number", lambda loss, logits: {"loss": loss, "name": "abc"}, ["model output part 'name'", "str"]),

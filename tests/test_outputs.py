@@ -270,8 +270,10 @@ def test_read_output_names_tuple_parts():
     assert set(read_output((loss, Breakdown(a, None)), training=True).parts) == {"generator_loss"}
     with pytest.raises(ConfigError, match=r"part_names=\['recon'\].*2 parts.*not 1"):
         read_output((loss, (a, b)), training=True, part_names=["recon"])
+    # a vector part (meshgpt's commit loss, one per quantizer) is logged as its sum; a matrix is refused
+    assert read_output((loss, (a, torch.ones(3))), training=False).parts["part1"].item() == 3.0
     with pytest.raises(ConfigError, match="'part1'.*scalar"):
-        read_output((loss, (a, torch.ones(3))), training=False)
+        read_output((loss, (a, torch.ones(3, 2))), training=False)
     weighted = read_output((loss * 0, (a.requires_grad_(), b)), training=True, loss_weights={"part0": 0.5})
     assert weighted.loss.item() == 1.0 and set(weighted.parts) == {"part0", "part1"}
 

@@ -128,13 +128,17 @@ def test_split_by_unhashable_group():
 
 
 # ------------------------------------------------------------------------------------------------ split_mode
-@pytest.mark.parametrize("n, frac, seed", [(8, 0.25, 0), (40, 0.1, 3), (23, 0.3, 7), (101, 0.5, 11)])
+@pytest.mark.parametrize("n, frac, seed", [(8, 0.25, 0), (40, 0.1, 3), (23, 0.3, 7), (101, 0.5, 11), (64, 0.1, 0)])
 def test_torch_mode_equals_random_split_exactly(n, frac, seed):
-    """The same training and validation index lists as torch's random_split, in the same order."""
+    """The same training and validation index lists as torch's random_split called as the seeds call it
+    (``train = int((1 - f) * n)``, ``valid = n - train``), in the same order."""
     from torch.utils.data import random_split
 
-    k = int(frac * n)
-    ref_train, ref_val = random_split(range(n), [n - k, k], generator=torch.Generator().manual_seed(seed))
+    train_size = int((1 - frac) * n)
+    k = n - train_size
+    if (n, frac) == (64, 0.1):
+        assert k == 7  # not int(0.1 * 64) = 6
+    ref_train, ref_val = random_split(range(n), [train_size, k], generator=torch.Generator().manual_seed(seed))
     train, val = split_indices(PairDataset(torch.arange(n)), frac, seed, split_mode="torch")
     assert train == list(ref_train.indices) and val == list(ref_val.indices)
     assert val != sorted(val) or k < 3  # in random_split's order, not sorted
@@ -146,13 +150,15 @@ def test_torch_mode_equals_random_split_exactly(n, frac, seed):
         assert sorted(torch.cat(t.model.seen).tolist()) == sorted(ref_train.indices)
 
 
-def test_torch_mode_rounds_down_like_random_split():
+def test_torch_mode_rounds_the_training_side_down_like_the_seeds():
     from cadence import ConfigError
 
-    train, val = split_indices(PairDataset(torch.arange(23)), 0.3, 0, split_mode="torch")
-    assert len(val) == int(0.3 * 23) == 6 and len(train) == 17  # "random" would hold out round(6.9) = 7
-    with pytest.raises(ConfigError, match="valid_frac=0.1.*no validation"):
-        split_indices(PairDataset(torch.arange(8)), 0.1, 0, split_mode="torch")  # int(0.8) = 0
+    train, val = split_indices(PairDataset(torch.arange(64)), 0.1, 0, split_mode="torch")
+    assert len(train) == int(0.9 * 64) == 57 and len(val) == 7  # int(0.1 * 64) would be 6
+    train, val = split_indices(PairDataset(torch.arange(8)), 0.1, 0, split_mode="torch")
+    assert len(train) == int(0.9 * 8) == 7 and len(val) == 1
+    with pytest.raises(ConfigError, match="valid_frac=0.95.*no training"):
+        split_indices(PairDataset(torch.arange(8)), 0.95, 0, split_mode="torch")  # int(0.05 * 8) = 0
 
 
 def stratified_groups() -> list[str]:

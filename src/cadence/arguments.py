@@ -77,14 +77,18 @@ def check_basic(a: dict[str, Any]) -> None:
 
 
 def has_val(a: dict[str, Any]) -> bool:
-    """Whether the run has validation data: ``val_data``, or ``valid_frac`` to split it off."""
-    return a["val_data"] is not None or a["valid_frac"] is not None
+    """Whether the run has validation data: ``val_data``, or ``valid_frac`` or ``val_indices`` to split it off."""
+    return a["val_data"] is not None or a["valid_frac"] is not None or a.get("val_indices") is not None
 
 
 def check_validation(a: dict[str, Any]) -> None:
     """Validation data and what needs it, early stopping, and the checkpoints' arguments."""
     if a["valid_frac"] is not None and a["val_data"] is not None:
         raise bad("valid_frac", a["valid_frac"], "val_data is given too; pass one or the other.")
+    if a.get("val_indices") is not None and (a["val_data"] is not None or a["valid_frac"] is not None):
+        other = "val_data" if a["val_data"] is not None else "valid_frac"
+        raise bad("val_indices", a["val_indices"], f"{other} is given too; hold out items one way: drop {other} "
+                  "or val_indices.")
     if a["split_by"] is not None and a["valid_frac"] is None:
         raise bad("split_by", a["split_by"], "it splits off validation data by group; set valid_frac too.")
     if a["val_every"] is not None and not has_val(a):

@@ -57,7 +57,8 @@ def build_data(t: Trainer, a: SimpleNamespace) -> None:
                             pin_memory=t.device.type == "cuda", sampler=a.sampler, balance_by=a.balance_by,
                             world_size=t.world_size, rank=t.rank, item_seeding=a.item_seeding)
     data = prepare(a.train_data, a.val_data, settings, valid_frac=a.valid_frac, split_by=a.split_by,
-                   split_seed=a.split_seed, mix=a.mix, source_weights=a.source_weights, split_mode=a.split_mode)
+                   split_seed=a.split_seed, mix=a.mix, source_weights=a.source_weights, split_mode=a.split_mode,
+                   val_indices=a.val_indices)
     t.stream, t.val_data, t.data_length = data.stream, data.val_data, data.length
     t._datasets = stateful_datasets(a.train_data)
     t.steps_per_epoch = t.stream.steps_per_epoch
@@ -86,7 +87,7 @@ def build_training(t: Trainer, a: SimpleNamespace) -> None:
         inputs=tuple(a.inputs or getattr(a.train_data, "inputs", None) or ()) or None,
         loss_weights=dict(a.loss_weights) if a.loss_weights else None,
         forward_kwargs=dict(a.forward_kwargs or {}), clip_per_group=a.clip_per_group,
-        part_names=tuple(a.part_names) if a.part_names is not None else None)
+        part_names=tuple(a.part_names) if a.part_names is not None else None, loss_index=a.loss_index)
     t._compiler = Compiler(a.compile, a.compile_options, lambda text: t.progress.message(text))
     t._sync_stage()
     t.on_nonfinite, t.max_nonfinite = a.on_nonfinite, a.max_nonfinite

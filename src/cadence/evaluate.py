@@ -37,11 +37,11 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
              forward_kwargs: Mapping[str, Any] | None = None,
              part_names: Sequence[str] | None = None,
              stop: Any = None, agree: Callable[[list[float]], list[float]] | None = None,
-             agree_each_batch: bool = False) -> dict[str, float]:
+             agree_each_batch: bool = False, loss_index: int | None = None) -> dict[str, float]:
     """Means weighted by batch size (or ``num_items``), in eval mode; the model's mode is restored after.
 
     ``forward_kwargs`` are added to every model call (the Trainer's ``val_forward_kwargs``); ``part_names``
-    names the entries of a ``(loss, (part, ...))`` tuple.
+    names the entries of a ``(loss, (part, ...))`` tuple, ``loss_index`` the loss's entry of a returned tuple.
 
     Sums stay on the device and are read once at the end; with ``all_reduce`` (each rank validating its
     share) they are summed over the ranks first.
@@ -61,7 +61,8 @@ def evaluate(model: nn.Module, batches: Iterable[Any], precision: Precision, mov
             batch = move(batch)
             with precision.autocast():
                 raw = call_model(model, batch, forward, inputs, forward_kwargs)
-            out = read_output(raw, training=False, loss_weights=loss_weights, part_names=part_names)
+            out = read_output(raw, training=False, loss_weights=loss_weights, part_names=part_names,
+                              loss_index=loss_index)
             if out.num_items is not None:
                 weight, loss = out.num_items, out.loss  # already a sum over num_items
             else:

@@ -5,7 +5,10 @@ arguments, a tensor is passed alone; ``forward(model, batch)`` overrides this, a
 Trainer's ``forward_kwargs``) are added to every call. The model may return a scalar loss, ``(loss, parts)``
 with ``parts`` a dict of scalars, a NamedTuple (named by its fields) or a plain tuple (named ``part0``,
 ``part1``, ... or by ``part_names``), or a dict with ``"loss"`` whose other scalar entries are parts. A dict
-with ``"num_items"`` declares ``"loss"`` a sum over that many items.
+with ``"num_items"`` declares ``"loss"`` a sum over that many items. The parts of ``(loss, parts)`` may also be
+one tensor (tf-bind's ``(loss, aux_loss)``: a 0-dim tensor is one part, a vector one part per element), and a
+part that is a vector (meshgpt's commit loss, one per quantizer) is logged as its sum. With ``loss_index`` the
+loss is that entry of a returned tuple (nanoGPT's ``(logits, loss)``: 1); the other scalar entries are parts.
 """
 
 from __future__ import annotations
@@ -75,13 +78,17 @@ def name_fields(batch: Any, inputs: Sequence[str]) -> dict[str, Any]:
     return dict(zip(inputs, fields))
 
 
-def _scalar(name: str, value: Any) -> torch.Tensor:
+def _scalar(name: str, value: Any, vectors: bool = False) -> torch.Tensor:
+    """A part as a 0-dim tensor; with ``vectors``, a 1-dim part (one loss per quantizer...) as its sum."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value))
+    if vectors and isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() > 1:
+        value = value.sum()
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise bad(f"model output part {name!r}", shape,
-                  "every part must be a scalar (a 0-dim tensor or a number); reduce it, e.g. with .mean().")
+                  "every part must be a scalar (a 0-dim tensor or a number), or in a (loss, parts) tuple a vector "
+                  "(logged as its sum); reduce it, e.g. with .mean().")
     # a parameter or buffer, or a view of one, may change in place before the log point: keep this step's value
     shared = value.is_leaf or value._is_view()
     value = value.detach().reshape(())
@@ -118,8 +125,9 @@ def _model_output_type(cls: type) -> bool:
 
 
 def _is_pair(out: Any) -> bool:
-    """``(loss, parts)`` with parts a dict, a NamedTuple, or a plain tuple or list."""
-    return isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (Mapping, tuple, list))
+    """``(loss, parts)`` with parts a dict, a NamedTuple, a plain tuple or list, or a 0-dim or 1-dim tensor."""
+    return isinstance(out, (tuple, list)) and len(out) == 2 and (
+        isinstance(out[1], (Mapping, tuple, list)) or (isinstance(out[1], torch.Tensor) and out[1].ndim <= 1))
 
 
 def named_parts(parts: Any, part_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -128,6 +136,8 @@ def named_parts(parts: Any, part_names: Sequence[str] | None = None) -> dict[str
     did not compute, e.g. soundstorm's critic loss with ``only_train_generator``) is left out."""
     if isinstance(parts, Mapping):
         return dict(parts)
+    if isinstance(parts, torch.Tensor):  # one part (0-dim) or one part per element (a vector)
+        parts = [parts] if parts.ndim == 0 else list(parts.unbind())
     if part_names is not None:
         if len(part_names) != len(parts):
             raise bad("part_names", list(part_names), f"the model returns {len(parts)} parts in its (loss, parts) "
@@ -141,14 +151,18 @@ def named_parts(parts: Any, part_names: Sequence[str] | None = None) -> dict[str
 
 
 def read_output(out: Any, training: bool, loss_weights: Mapping[str, float] | None = None,
-                part_names: Sequence[str] | None = None) -> Output:
+                part_names: Sequence[str] | None = None, loss_index: int | None = None) -> Output:
     """Split a model's return value into loss, parts and the optional item count.
 
     With ``loss_weights``, the loss is the weighted sum of those parts (with their gradients); ``part_names``
-    names the entries of a ``(loss, (part, ...))`` tuple.
+    names the entries of a ``(loss, (part, ...))`` tuple; ``loss_index`` says which entry of a returned tuple is
+    the loss (the others that are scalars become parts, named by ``part_names`` or ``part<i>``).
     """
     parts: dict[str, torch.Tensor] = {}
     num_items = None
+    if loss_index is not None:
+        out = loss_at(out, loss_index, part_names)
+        part_names = None
     if loss_weights:
         return _weighted(out, training, loss_weights, part_names)
     if isinstance(out, torch.Tensor):
@@ -162,7 +176,7 @@ def read_output(out: Any, training: bool, loss_weights: Mapping[str, float] | No
         parts = _parts(out, ("loss", "num_items"), training)
     elif _is_pair(out):
         loss = out[0]
-        parts = {k: _scalar(k, v) for k, v in named_parts(out[1], part_names).items()}
+        parts = {k: _scalar(k, v, vectors=True) for k, v in named_parts(out[1], part_names).items()}
     else:
         raise bad("model output", type(out).__name__, "return a scalar loss tensor, (loss, parts) with parts a "
                   "dict or a tuple of scalars, or a dict with a 'loss' entry.")
@@ -178,6 +192,26 @@ def read_output(out: Any, training: bool, loss_weights: Mapping[str, float] | No
     return Output(loss, parts, num_items)
 
 
+def loss_at(out: Any, loss_index: int, part_names: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(loss, parts)`` from a tuple whose loss is entry ``loss_index``: the other entries that are scalars (or
+    numbers) are parts, named by ``part_names`` (one name per other entry) or ``part<i>`` by position; the rest
+    (logits, predictions) are left to ``metrics``."""
+    if not isinstance(out, (tuple, list)) or not -len(out) <= loss_index < len(out):
+        what = f"a {type(out).__name__}" + (f" of {len(out)} entries" if isinstance(out, (tuple, list)) else "")
+        raise bad("loss_index", loss_index, f"the model returns {what}; loss_index picks the loss out of a "
+                  "returned tuple, e.g. 1 for (logits, loss): give an index inside it, or drop loss_index.")
+    index = loss_index % len(out)
+    others = [i for i in range(len(out)) if i != index]
+    if part_names is not None and len(part_names) != len(others):
+        raise bad("part_names", list(part_names), f"with loss_index the model's other {len(others)} entries are "
+                  "named: give one name per entry besides the loss.")
+    names = list(part_names) if part_names is not None else [f"part{i}" for i in others]
+    parts = {name: out[i] for name, i in zip(names, others)
+             if isinstance(out[i], (int, float, torch.Tensor)) and not isinstance(out[i], bool)
+             and (not isinstance(out[i], torch.Tensor) or out[i].numel() == 1)}
+    return out[index], parts
+
+
 def _weighted(out: Any, training: bool, loss_weights: Mapping[str, float],
               part_names: Sequence[str] | None = None) -> Output:
     if isinstance(out, Mapping):
@@ -185,6 +219,8 @@ def _weighted(out: Any, training: bool, loss_weights: Mapping[str, float],
         num_items = out.get("num_items")
     elif _is_pair(out):
         raw, num_items = named_parts(out[1], part_names), None
+        if "loss" in loss_weights:  # tf-bind's combine_losses(loss, aux_loss): the first entry weighted too
+            raw = {"loss": out[0], **raw}
     else:
         raise bad("model output", type(out).__name__, "with loss_weights the model must return its parts: a dict "
                   "of named scalar losses, or (loss, parts).")
@@ -193,10 +229,14 @@ def _weighted(out: Any, training: bool, loss_weights: Mapping[str, float],
         raise bad("loss_weights", dict(loss_weights), f"the model never returns the parts {missing}; it returns "
                   f"{sorted(raw)}.")
     for name in loss_weights:
+        if isinstance(raw[name], torch.Tensor) and raw[name].ndim == 1 and not isinstance(out, Mapping):
+            raw[name] = raw[name].sum()  # a vector part counts as its sum, as it is logged
         if not isinstance(raw[name], torch.Tensor) or raw[name].ndim != 0:
             _scalar(name, raw[name])  # raises the standard message
     loss = sum(float(w) * raw[k] for k, w in loss_weights.items())
     if training and not loss.requires_grad:
         raise bad("model output loss", "a tensor with no grad", "the weighted parts are not connected to any "
                   "trainable parameter; return them undetached.")
-    return Output(loss, _parts(raw, (), training), num_items)
+    parts = (_parts(raw, (), training) if isinstance(out, Mapping)
+             else {k: _scalar(k, v, vectors=True) for k, v in raw.items() if k != "loss"})
+    return Output(loss, parts, num_items)

@@ -48,6 +48,7 @@ class StepParts:
     loss_weights: Mapping[str, float] | None = None
     forward_kwargs: Mapping[str, Any] | None = None  # keywords added to every model call
     part_names: Sequence[str] | None = None  # names of a (loss, (part, ...)) tuple's entries
+    loss_index: int | None = None  # which entry of a returned tuple is the loss ((logits, loss): 1)
     clip_per_group: bool = False  # clip each optimizer group to max_grad_norm on its own
     # compile="max": clip + optimizer step as one compiled function (compiling.py); None: the code below
     update: Callable[[StepParts], torch.Tensor | None] | None = None
@@ -110,7 +111,8 @@ def forward_backward(p: StepParts, batch: Any, share: float, source_weight: floa
     """
     with p.precision.autocast():
         raw = call_model(p.model, p.move(batch), p.forward, p.inputs, p.forward_kwargs)
-        out = read_output(raw, training=True, loss_weights=p.loss_weights, part_names=p.part_names)
+        out = read_output(raw, training=True, loss_weights=p.loss_weights, part_names=p.part_names,
+                          loss_index=p.loss_index)
     if killpoints.ACTIVE:
         killpoints.reached("step.forward")
     factor = share * source_weight if out.num_items is None else source_weight

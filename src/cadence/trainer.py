@@ -78,6 +78,8 @@ class Trainer:
         split_seed: seed of the validation split.
         split_mode: "random", "groups" (whole groups held out), "stratified" (valid_frac of every group) or
             "torch" (torch's random_split); default "groups" with split_by, else "random" (docs/features.md).
+        val_indices: the training data's items to hold out for validation, instead of valid_frac: their indices,
+            or a callable(train_data) -> indices (or a Subset), e.g. running a seed's own split.
         collate_fn: how a list of items becomes a batch (map-style datasets).
         num_workers: DataLoader worker processes (map-style datasets).
         drop_last: drop the last, partial global batch of each epoch.
@@ -103,6 +105,8 @@ class Trainer:
         forward_kwargs: keyword arguments added to every training call of the model, e.g. flags.
         val_forward_kwargs: keyword arguments of every validation call (None: the same as forward_kwargs).
         part_names: names of the entries of a (loss, (part, ...)) tuple (default: part0, part1, ...).
+        loss_index: which entry of a tuple the model returns is the loss, e.g. 1 for nanoGPT's (logits, loss);
+            the other entries that are scalars are parts (named by part_names), the rest go to metrics only.
         metrics: {"name": callable(output, batch) -> scalar} computed in validation.
         resume: "auto" (the newest valid checkpoint in run_dir, if any) or a checkpoint or run folder.
         keep_last: keep only the newest N checkpoints (None: keep all).
@@ -126,7 +130,8 @@ class Trainer:
         balance_by: callable(item) -> label, or one label per item; balanced sampling draws every label equally
             often. With several sources also {"source": either}.
         inputs: names of a tuple batch's fields, passed to forward as keyword arguments.
-        loss_weights: {"part": weight}: the loss is the weighted sum of these parts.
+        loss_weights: {"part": weight}: the loss is the weighted sum of these parts ("loss" names the first entry
+            of a (loss, parts) tuple, e.g. {"loss": 1.0, "aux": 0.05} for tf-bind's (loss, aux_loss)).
         strategy: "auto" (DDP when torchrun started several processes), "single", "ddp" or "fsdp" (FSDP2).
         find_unused_parameters: DDP's own option, for a model whose steps leave some parameters without a
             gradient (a branch not taken); it costs a pass over the autograd graph each step. No effect otherwise.
@@ -152,8 +157,10 @@ class Trainer:
         val_every: int | None = None, val_batch_size: int | None = None, val_at_start: bool = False,
         val_mean: bool = False,
         # the data
-        valid_frac: float | None = None, split_by: Callable[[Any], Hashable] | Sequence[Hashable] | None = None,
-        split_seed: int = 0, split_mode: str | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
+        valid_frac: float | None = None, split_by: Callable[[Any], Any] | Sequence[Hashable] | None = None,
+        split_seed: int = 0, split_mode: str | None = None,
+        val_indices: Sequence[int] | Callable[[Any], Any] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0, drop_last: bool = False, item_seeding: bool = True, shuffle: bool = True,
         # the run
         log_every: int = 50, tokens_per_item: int | None = None, flops_per_item: float | str | None = None,
@@ -163,7 +170,8 @@ class Trainer:
         # the model's calls and outputs
         forward: Forward | None = None, forward_kwargs: Mapping[str, Any] | None = None,
         val_forward_kwargs: Mapping[str, Any] | None = None, part_names: Sequence[str] | None = None,
-        metrics: Mapping[str, Callable[[Any, Any], torch.Tensor]] | None = None,
+        loss_index: int | None = None,
+        metrics: Mapping[str, Callable[[Any, Any], Any]] | None = None,
         # checkpoints
         resume: str | Path | None = None, keep_last: int | None = None, keep_best: tuple[str, str] | None = None,
         async_checkpoint: bool = False, on_nonfinite: str = "raise", max_nonfinite: int = 10,
@@ -174,8 +182,8 @@ class Trainer:
         # several sources
         mix: str | None = None, source_weights: Mapping[str, float] | None = None,
         sampler: str | Mapping[str, str | None] | None = None,
-        balance_by: Callable[[Any], Hashable] | Sequence[Hashable]
-        | Mapping[str, Callable[[Any], Hashable] | Sequence[Hashable]] | None = None,
+        balance_by: Callable[[Any], Any] | Sequence[Hashable]
+        | Mapping[str, Callable[[Any], Any] | Sequence[Hashable]] | None = None,
         inputs: Sequence[str] | None = None, loss_weights: Mapping[str, float] | None = None,
         # engines, loggers, profiling, compiling
         strategy: str = "auto", find_unused_parameters: bool = False, loggers: Sequence[str] = ("jsonl",),

@@ -52,7 +52,8 @@ class Validator:
         batches = eval_batches(data, self.batch_size, self.collate_fn, self.num_workers, self.pin_memory,
                                strategy.rank, strategy.world_size)
         return evaluate(model, batches, p.precision, p.move, p.forward, self.metric_fns, p.inputs, p.loss_weights,
-                        strategy.all_reduce, self.forward_kwargs, p.part_names, *stop_check(signals, strategy))
+                        strategy.all_reduce, self.forward_kwargs, p.part_names, *stop_check(signals, strategy),
+                        loss_index=p.loss_index)
 
 
 def validate(trainer: Trainer, data: Any = None, split: str = "val") -> Metrics:

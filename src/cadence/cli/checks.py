@@ -15,7 +15,7 @@ import inspect
 from typing import Any
 
 from ..errors import ConfigError
-from .classes import check_spec, import_class
+from .classes import check_given, check_spec, import_class
 
 SHARED = ("lr", "weight_decay")  # the trainer's options that become every parameter group's
 DATA_SECTIONS = ("data", "val_data", "test_data")
@@ -26,6 +26,9 @@ def check_fit(cfg: Any, argv: list[str]) -> None:
     for key in DATA_SECTIONS:
         if key in cfg:
             check_spec(cfg.get(key), key)
+    check_given(cfg.get("model"), "model")
+    check_given({k: v for k, v in vars(cfg.trainer).items() if k != "optimizer"}, "trainer")  # cadence gives
+    # an optimizer class its parameter groups
     reconcile_optimizer(cfg, argv)
 
 
@@ -68,11 +71,9 @@ def reconcile_optimizer(cfg: Any, argv: list[str]) -> None:
     from ..trainer import Trainer
 
     spec = cfg.trainer.get("optimizer")
-    if isinstance(spec, str) and "." in spec:  # a class path written as a plain string in a config file
+    if isinstance(spec, str) and "." in spec:  # a dotted path in a config file: the class or function itself
         import_class(spec, "trainer.optimizer")
-        raise ConfigError(f"trainer.optimizer={spec!r}: a name is one of adamw, adam, sgd, lion; give a class as "
-                          f"optimizer: {{class_path: {spec}}} in YAML (--trainer.optimizer {spec} on the command "
-                          "line).")
+        return
     init = spec.get("init_args") if hasattr(spec, "get") and spec.get("class_path") else None
     if init is None:
         return

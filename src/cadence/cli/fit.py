@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..rundir import check_run_dir, removed_on_failure, unique_run_dir
-from .classes import build, instantiate  # objects from class_path + init_args; errors in one sentence
+from .classes import build, instantiate, resolve_dotted  # objects from class_path + init_args; errors in one sentence
 
 
 def default_run_dir(cfg: Any) -> Path:
@@ -62,17 +62,18 @@ def run_fit(parser: Any, cfg: Any) -> int:
 
 
 def _train(parser: Any, cfg: Any, run_dir: Path) -> int:
-    import torch
-
+    from ..device import seed_everything
     from ..trainer import Trainer
 
-    torch.manual_seed(cfg.trainer.seed)  # the model's initial weights are part of the run: seed them too
+    # the model's initial weights are part of the run: seed torch, and random and numpy, which some research
+    # constructors draw from
+    seed_everything(cfg.trainer.seed)
     init = instantiate(parser, cfg)
     data = build(cfg.data, "data")
     val_data = build(cfg.val_data, "val_data")
     test_data = build(cfg.get("test_data"), "test_data")
     trainer = Trainer(init.model, data, val_data=val_data, run_dir=run_dir, overwrite=cfg.overwrite,
-                      resume="auto" if cfg.resume else None, **dict(init.trainer))
+                      resume="auto" if cfg.resume else None, **resolve_dotted(dict(init.trainer)))
     resolved = cfg.clone()
     resolved.config = None
     resolved.overwrite = False

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..checkpoint.format import CheckpointError
 from ..errors import ConfigError
-from .classes import explain_class_error
+from .classes import explain_class_error, import_class
 
 # Trainer arguments the CLI fills itself, or that only make sense from Python.
 SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "resume"}
@@ -32,7 +32,9 @@ def fit_parser() -> Any:
         prog="cadence fit", exit_on_error=False,
         description="Train a model. With no --config and no --model: the built-in digits demo.")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with model, data and trainer sections")
-    parser.add_subclass_arguments(nn.Module, "model", required=True,
+    # fail_untyped=False: research classes leave their constructor arguments untyped; the value is passed as
+    # the config gives it (a nested class_path is built) and check_fit names a required one left out
+    parser.add_subclass_arguments(nn.Module, "model", required=True, fail_untyped=False,
                                   help="the model (class_path + init_args); its forward returns the loss")
     parser.add_argument("--data", type=dict[str, Any] | None, default=None,
                         help="the training data: class_path + init_args of a Dataset or tensors")
@@ -41,7 +43,7 @@ def fit_parser() -> Any:
     parser.add_argument("--test_data", type=dict[str, Any] | None, default=None,
                         help="test data, like --data: measured once after training, logged as test/...")
     parser.add_class_arguments(Trainer, "trainer", skip=SKIP, instantiate=False, sub_configs=True,
-                               help="every Trainer argument, as --trainer.NAME")
+                               fail_untyped=False, help="every Trainer argument, as --trainer.NAME")
     parser.add_argument("--run_dir", "--run-dir", type=str | None, default=None,
                         help="the run folder (default: runs/<date>-<time>-<name>)")
     parser.add_argument("--name", type=str | None, default=None,
@@ -164,6 +166,73 @@ def known_keys(parser: Any) -> list[str]:
     return keys
 
 
+# examples of the forms an option takes, where the type alone says too little
+EXAMPLES = {
+    "model": "{class_path: my_module.MyModel, init_args: {dim: 64}}",
+    "trainer.keep_best": "[val/loss, min]",
+    "trainer.forward_kwargs": "{return_loss_breakdown: true}",
+    "trainer.val_forward_kwargs": "{return_loss_breakdown: true}",
+    "trainer.metrics": "{accuracy: my_module.accuracy}",
+    "trainer.profile": "[5, 10]",
+}
+
+
+def _form(typehint: str, key: str) -> str:
+    """A phrase for one member of a Union as jsonargparse prints it."""
+    name = re.sub(r"<class '([\w.]+)'>", r"\1", typehint).strip()
+    example = EXAMPLES.get(key)
+    if name == "NoneType":
+        return "null"
+    if "Callable" in name.split("[")[0]:
+        return ("a dotted path to a function (my_module.my_function) or a callable class as {class_path: "
+                "my_module.MyClass, init_args: {...}}")
+    if name.endswith("Module"):
+        return f"a class as class_path + init_args, e.g. {example or '{class_path: my_module.MyModel}'}"
+    if name.startswith("tuple["):
+        size = len(re.split(r",\s*(?![^\[]*\])", name[6:-1]))
+        return f"a list of {size} values" + (f", e.g. {example}" if example else "")
+    if re.match(r"(collections\.abc\.|typing\.)?(Mapping|dict)\b", name):
+        return "a mapping of names to values" + (f", e.g. {example}" if example else ", e.g. {name: value}")
+    if re.match(r"(collections\.abc\.|typing\.)?(Sequence|list)\b", name):
+        return "a list, e.g. [a, b]"
+    short = name.rsplit(".", 1)[-1]
+    plain = {"int": "an int", "float": "a number", "str": "a string", "bool": "true or false"}
+    if short in plain:
+        return plain[short]
+    path = name if "." in name else f"cadence.{name}"
+    return f"{{class_path: {path}, init_args: {{...}}}}"
+
+
+def _members(subtypes: str) -> list[str]:
+    """The members of jsonargparse's ``Subtypes: [...]`` list, split at the commas outside brackets."""
+    out, depth, current = [], 0, ""
+    for ch in subtypes:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return [m for m in [*out, current.strip()] if m and m != "Untyped"]
+
+
+def expected_forms(key: str, subtypes: str) -> str:
+    """The forms an option accepts, from jsonargparse's ``Subtypes: [...]`` list, joined with "or"."""
+    return " or ".join(dict.fromkeys(_form(m, key) for m in _members(subtypes)))
+
+
+def _import_problem(key: str, value: str, subtypes: str) -> str | None:
+    """Why a dotted path given to a callable option does not import (None: it imports, or is no dotted path)."""
+    if "Callable" not in subtypes or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+", value):
+        return None
+    try:
+        import_class(value, key)
+    except ConfigError as err:
+        return str(err).replace(f"{key}.class_path=", f"{key}=", 1)
+    return None
+
+
 def explain(err: Exception, parser: Any) -> str:
     """One paragraph from jsonargparse's report: the key, the value and the fix."""
     message = str(err).strip()
@@ -192,11 +261,20 @@ def explain(err: Exception, parser: Any) -> str:
         name, expected, value = inner[-1]
         prefix = f"{where.group(1)}.init_args." if where and where.group(1) != name else ""
         return f"{prefix}{name}={value.strip()!r}: expected a value of type {expected}; fix the value."
+    single = re.fullmatch(r'Parser key "([\w.]+)":\s*(?:- Expected a path .*\n\s*)?- Expected a (<class [^>]+>)\. '
+                          r"Got value: (.+)", message, flags=re.S)
+    if single:
+        return f"{single.group(1)}={single.group(3).strip()!r}: expected {_form(single.group(2), single.group(1))}; " \
+               "fix the value."
     given = re.search(r"Given value: (.+)", message)
-    subtypes = re.findall(r"<class '(\w+)'>", message.split("Errors:")[0])
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
     if where and given and subtypes:
-        types = " or ".join(dict.fromkeys("None" if t == "NoneType" else t for t in subtypes))
-        return f"{where.group(1)}={given.group(1).strip()!r}: expected {types}; fix the value."
+        value = given.group(1).strip()
+        unknown = _import_problem(where.group(1), value, subtypes.group(1))
+        if unknown:
+            return unknown
+        forms = expected_forms(where.group(1), subtypes.group(1))
+        return f"{where.group(1)}={value!r}: expected {forms}; fix the value."
     if "Problems parsing config" in message or "File does not exist" in message:
         return f"--config: {message.splitlines()[0]} ({' '.join(message.splitlines()[1:]).strip()}); " \
                "give the path of a readable YAML file.".replace(" ()", "")

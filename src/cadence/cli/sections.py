@@ -116,9 +116,22 @@ def merge_sections(args: list[str]) -> list[str]:
     return out
 
 
+def _names_function(path: str) -> bool:
+    """Whether the dotted ``path`` imports as a function (given as it is, not as a class path)."""
+    import importlib
+    import inspect
+
+    module, _, attr = path.rpartition(".")
+    try:
+        return inspect.isfunction(getattr(importlib.import_module(module), attr, None))
+    except Exception:  # the class path check reports what is wrong with it
+        return False
+
+
 def _class_options(args: list[str]) -> list[str]:
     """``--model.class_path X`` as ``--model X`` (the form jsonargparse checks against nn.Module when there is
-    no model yet), and ``--trainer.optimizer a.B`` as a class path, not an optimizer's name."""
+    no model yet), and ``--trainer.optimizer a.B`` as a class path, not an optimizer's name (a function
+    ``param_groups -> Optimizer`` stays a dotted path)."""
     out = []
     for i, arg in enumerate(args):
         key, eq, value = arg.partition("=")
@@ -126,7 +139,7 @@ def _class_options(args: list[str]) -> list[str]:
             arg = "--model" + eq + value
         elif key == "--trainer.optimizer" and "." in (value if eq else args[i + 1] if i + 1 < len(args) else ""):
             first = (value if eq else args[i + 1]).lstrip()
-            if not first.startswith(("{", "[")):
+            if not first.startswith(("{", "[")) and not _names_function(first):
                 arg = "--trainer.optimizer.class_path" + eq + value
         out.append(arg)
     return out

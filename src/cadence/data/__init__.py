@@ -1,5 +1,5 @@
 """Data: the order contract, loading, validation splits, several sources, balanced sampling, collation."""
 
-from .collate import curtail_collate, pad_collate
+from .collate import PadCollate, curtail_collate, pad_collate
 
-__all__ = ["curtail_collate", "pad_collate"]
+__all__ = ["PadCollate", "curtail_collate", "pad_collate"]

@@ -16,7 +16,7 @@ from .loading import InMemory, StepStream, as_in_memory, is_map_style, stream_in
 from .order import DataOrder
 from .sampling import balanced_weights, check_sampler, per_source
 from .sources import Sources
-from .split import split_indices, take
+from .split import given_indices, split_indices, take
 from .streaming import stream_iterable
 
 
@@ -53,10 +53,13 @@ def is_multi_source(data: Any, mix: str | None) -> bool:
 
 def prepare(train_data: Any, val_data: Any, s: DataSettings, *, valid_frac: float | None = None,
             split_by: Any = None, split_seed: int = 0, mix: str | None = None,
-            source_weights: Mapping[str, float] | None = None, split_mode: str | None = None) -> Prepared:
+            source_weights: Mapping[str, float] | None = None, split_mode: str | None = None,
+            val_indices: Any = None) -> Prepared:
     if is_multi_source(train_data, mix):
-        if valid_frac is not None:
-            raise bad("valid_frac", valid_frac, "several training sources cannot be split; pass val_data.")
+        if valid_frac is not None or val_indices is not None:
+            raise bad("valid_frac" if valid_frac is not None else "val_indices",
+                      valid_frac if valid_frac is not None else val_indices,
+                      "several training sources cannot be split; pass val_data.")
         names = [str(name) for name in train_data]
         samplers, balances = per_source("sampler", s.sampler, names), per_source("balance_by", s.balance_by, names)
         streams, lengths = {}, {}
@@ -73,11 +76,13 @@ def prepare(train_data: Any, val_data: Any, s: DataSettings, *, valid_frac: floa
                   "it applies to several training sources: pass train_data={'name': data, ...}.")
     check_sampler(s.sampler, s.balance_by)
     data = _checked(train_data, "train_data")
-    if valid_frac is not None:
+    if valid_frac is not None or val_indices is not None:
+        name, value = ("valid_frac", valid_frac) if valid_frac is not None else ("val_indices", val_indices)
         if not is_map_style(data) or isinstance(data, DataLoader):
-            raise bad("valid_frac", valid_frac, f"{type(train_data).__name__} cannot be split by index; pass a "
+            raise bad(name, value, f"{type(train_data).__name__} cannot be split by index; pass a "
                       "map-style dataset or tensors, or give val_data instead.")
-        train_idx, val_idx = split_indices(data, valid_frac, split_seed, split_by, split_mode)
+        train_idx, val_idx = (given_indices(train_data, val_indices, len(data)) if val_indices is not None
+                              else split_indices(data, valid_frac, split_seed, split_by, split_mode))
         # labels given one per item of train_data follow the items into the training side
         s = replace(s, balance_by=take_labels(s.balance_by, train_idx, len(data), "balance_by"))
         data, val_data = take(data, train_idx), take(data, val_idx)

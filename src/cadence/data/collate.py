@@ -54,6 +54,20 @@ def pad_collate(batch: Sequence[Any], value: float = 0.0) -> Any:
     return (*fields, first_mask) if first_mask is not None else tuple(fields)
 
 
+class PadCollate:
+    """:func:`pad_collate` with a pad value of one's own, as an object a YAML config can build:
+    ``collate_fn: {class_path: cadence.data.PadCollate, init_args: {value: -1}}`` (meshgpt's pad id)."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+    def __call__(self, batch: Sequence[Any]) -> Any:
+        return pad_collate(batch, self.value)
+
+    def __repr__(self) -> str:
+        return f"PadCollate(value={self.value!r})"
+
+
 def curtail_collate(batch: Sequence[Any]) -> Any:
     """Stack items, cutting variable-length tensors to the shortest along the first dimension."""
 

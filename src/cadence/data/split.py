@@ -7,8 +7,13 @@
   items keeps ``int((1 - valid_frac) * m)`` for training and holds out the rest, picked by a ``randperm(m)``
   per group (groups in order of first appearance, one generator); both sides in index order.
 - ``"torch"``: exactly ``torch.utils.data.random_split(data, [N - k, k], generator=torch.Generator()
-  .manual_seed(split_seed))`` with ``k = int(valid_frac * N)``: the same index lists, in the same order, so a
-  migrated run keeps the seed's validation set.
+  .manual_seed(split_seed))`` with ``k = N - int((1 - valid_frac) * N)``, the lengths the seeds pass (``train =
+  int((1 - f) * N)``, ``valid = N - train``): the same index lists, in the same order, so a migrated run keeps
+  the seed's validation set.
+
+``val_indices`` gives the held-out items themselves (:func:`given_indices`), for a seed whose split no mode
+reproduces: a list of indices, or a callable(data) -> indices (or -> a ``Subset``) that runs the seed's own
+split.
 
 ``split_by`` is a callable of the item or a sequence of labels, one per item (``labels.py``). Without
 ``split_mode`` the mode is ``"groups"`` when ``split_by`` is given, else ``"random"`` (as before there was a
@@ -76,7 +81,7 @@ def split_indices(data: Any, valid_frac: float, seed: int, split_by: LabelsOf | 
         perm = torch.randperm(n, generator=gen)
         return perm[n_val:].sort().values.tolist(), perm[:n_val].sort().values.tolist()
     if mode == "torch":
-        k = _checked_count(int(valid_frac * n), n, valid_frac, "items")
+        k = _checked_count(n - int((1 - valid_frac) * n), n, valid_frac, "items")
         perm = torch.randperm(n, generator=gen).tolist()  # what random_split draws for lengths [n - k, k]
         return perm[:n - k], perm[n - k:]
     groups = _groups(labels_of(data, split_by, "split_by"))
@@ -96,6 +101,36 @@ def split_indices(data: Any, valid_frac: float, seed: int, split_by: LabelsOf | 
     held = set(val)
     _checked_count(len(val), n, valid_frac, "items")
     return [i for i in range(n) if i not in held], sorted(val)
+
+
+def given_indices(data: Any, val_indices: Any, n: int | None = None) -> tuple[list[int], list[int]]:
+    """``(train, val)`` indices from ``val_indices``: a sequence of item indices, or a callable(data) returning
+    them (or a ``Subset``, or a ``(train, val)`` pair of them); training keeps the other items, in index order.
+    ``n``: the number of items (default ``len(data)``; the callable gets ``data`` as the user gave it)."""
+    n = len(data) if n is None else n
+    given = val_indices(data) if callable(val_indices) else val_indices
+    if isinstance(given, tuple) and len(given) == 2 and all(hasattr(g, "indices") for g in given):
+        given = given[1]  # random_split and its kind return (train, val)
+    given = getattr(given, "indices", given)
+    raw = given.tolist() if hasattr(given, "tolist") else given
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
+        raise bad("val_indices", _short(val_indices, given), "give the indices of the items to hold out (a list of "
+                  "ints), or a callable(data) returning them (or a Subset).")
+    bad_ones = [i for i in raw if not 0 <= i < n]
+    if bad_ones or len(set(raw)) != len(raw):
+        what = f"index {bad_ones[0]} is outside 0..{n - 1}" if bad_ones else "an index appears twice"
+        raise bad("val_indices", _short(val_indices, given), f"{what} (the training data has {n} items); give each "
+                  "held-out item's index once.")
+    if not raw or len(raw) == n:
+        raise bad("val_indices", _short(val_indices, given), f"it holds out {len(raw)} of {n} items; leave at "
+                  "least one item on each side.")
+    held = set(raw)
+    return [i for i in range(n) if i not in held], list(raw)
+
+
+def _short(val_indices: Any, given: Any) -> str:
+    text = getattr(val_indices, "__qualname__", None) or repr(given)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _groups(labels: list[Hashable]) -> dict[Hashable, list[int]]:
