@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from ..checkpoint.format import CheckpointError
@@ -19,6 +20,15 @@ from .classes import explain_class_error
 
 # Trainer arguments the CLI fills itself, or that only make sense from Python.
 SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "resume"}
+# Labels given as a list, a function, or {source: either}: typed here so that jsonargparse writes a list back as
+# a list (with the Trainer's own hints, Hashable, it writes "Unable to serialize instance [...]", which no run
+# can read back).
+LABELS = {
+    "split_by": (list[Any] | Callable[[Any], Hashable] | None,
+                 "one group label per item, or a function item -> group (with valid_frac)"),
+    "balance_by": (list[Any] | dict[str, list[Any] | Callable[[Any], Hashable]] | Callable[[Any], Hashable] | None,
+                   "one label per item, a function item -> label, or {source: either} (sampler: balanced)"),
+}
 
 
 def fit_parser() -> Any:
@@ -40,8 +50,10 @@ def fit_parser() -> Any:
                         help="validation data, like --data (or use --trainer.valid_frac)")
     parser.add_argument("--test_data", type=dict[str, Any] | None, default=None,
                         help="test data, like --data: measured once after training, logged as test/...")
-    parser.add_class_arguments(Trainer, "trainer", skip=SKIP, instantiate=False, sub_configs=True,
+    parser.add_class_arguments(Trainer, "trainer", skip=SKIP | set(LABELS), instantiate=False, sub_configs=True,
                                help="every Trainer argument, as --trainer.NAME")
+    for name, (hint, text) in LABELS.items():
+        parser.add_argument(f"--trainer.{name}", type=hint, default=None, help=text)
     parser.add_argument("--run_dir", "--run-dir", type=str | None, default=None,
                         help="the run folder (default: runs/<date>-<time>-<name>)")
     parser.add_argument("--name", type=str | None, default=None,
