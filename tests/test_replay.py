@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,34 @@ def test_a_run_split_by_a_label_list_replays_and_resumes(tmp_path: Path) -> None
     assert main(["fit", "--resume", str(run), "--trainer.max_steps", "4"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
+
+
+TINY = ["--trainer.max_steps", "2", "--trainer.max_epochs", "null", "--trainer.warmup_steps", "0",
+        "--trainer.progress", "false", "--data.n", "64", "--trainer.valid_frac", "null", "--trainer.val_every", "null"]
+
+
+def test_a_users_config_yaml_in_the_run_folder_is_never_replaced_silently(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("my: notes\n")
+    assert main(["fit", *TINY, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml that cadence fit did not write" in err and "--overwrite" in err
+    assert (run / "config.yaml").read_text() == "my: notes\n"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert main(["fit", *TINY, "--run-dir", str(run), "--overwrite"]) == 0
+    assert "replaced config.yaml (not written by cadence fit)" in capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 2
+
+
+def test_cadence_fits_own_config_yaml_is_replayed_in_its_folder(tmp_path: Path) -> None:
+    """A config.yaml cadence fit wrote (a run that failed before its first record) is its own: used again."""
+    run = tmp_path / "run"
+    assert main(["fit", *TINY, "--run-dir", str(run)]) == 0
+    for name in ("metrics.jsonl", "final", "checkpoints"):
+        path = run / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    assert main(["fit", "--config", str(run / "config.yaml"), "--run-dir", str(run)]) == 0

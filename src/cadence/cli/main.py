@@ -152,7 +152,7 @@ def check_launch(parser: Any, rest: list[str]) -> None:
     """What the ``--nproc`` launcher checks before starting workers: the config and the run folder."""
     from pathlib import Path
 
-    from ..rundir import check_run_dir
+    from ..rundir import check_config_file, check_run_dir
     from .checks import check_trainer_values
     from .fit import resume_folder
 
@@ -162,6 +162,7 @@ def check_launch(parser: Any, rest: list[str]) -> None:
         resume_folder(cfg)
     elif cfg.run_dir:
         check_run_dir(Path(cfg.run_dir), cfg.overwrite, name="--run-dir")
+        check_config_file(Path(cfg.run_dir), cfg.overwrite)
 
 
 def known_keys(parser: Any) -> list[str]:
