@@ -84,10 +84,24 @@ class Checkpoints:
             raise bad("keep_best", tuple(self.keep_best), f"{self.keep_best[0]!r} is never logged; the logged names "
                       f"are {', '.join(sorted(metrics))}.")
 
-    def _best(self, folders: list[Path]) -> Path | None:
+    def best_after(self, step: int, metrics: dict[str, float]) -> dict[str, Any] | None:
+        """``{"step": N, "value": v}``: the checkpoint ``keep_best`` keeps once the save of ``step`` (with these
+        validation ``metrics``) is written. It goes into that save's ``trainer.json``, so that ``cadence export
+        --best`` can tell when the best checkpoint was removed since, rather than take the next best silently."""
         if self.keep_best is None:
             return None
         metric, mode = self.keep_best
+        scored = self._scores([f for f in self.folders() if written_by_cadence(f) and f != self.path(step)])
+        value = metrics.get(metric)
+        if value is not None:
+            scored.append((value if mode == "min" else -value, self.path(step)))
+        if not scored:
+            return None
+        key, folder = min(scored)
+        return {"step": int(folder.name.split("-")[1]), "value": key if mode == "min" else -key}
+
+    def _scores(self, folders: list[Path]) -> list[tuple[float, Path]]:
+        metric, mode = self.keep_best or ("", "min")
         scored = []
         for folder in folders:
             try:
@@ -96,6 +110,12 @@ class Checkpoints:
                 continue
             if value is not None:
                 scored.append((value if mode == "min" else -value, folder))
+        return scored
+
+    def _best(self, folders: list[Path]) -> Path | None:
+        if self.keep_best is None:
+            return None
+        scored = self._scores(folders)
         return min(scored)[1] if scored else None
 
 

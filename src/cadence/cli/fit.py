@@ -65,8 +65,10 @@ def run_fit(parser: Any, cfg: Any) -> int:
 def _train(parser: Any, cfg: Any, run_dir: Path) -> int:
     import torch
 
+    from ..arguments import check_seeds
     from ..trainer import Trainer
 
+    check_seeds(dict(cfg.trainer))  # a seed torch cannot take is named here, before it seeds the model
     torch.manual_seed(cfg.trainer.seed)  # the model's initial weights are part of the run: seed them too
     init = instantiate(parser, cfg)
     data = build(cfg.data, "data")

@@ -266,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return runs(cfg.runs)
     except (ConfigError, CheckpointError) as err:
-        if int(os.environ.get("RANK") or 0) == 0:  # under several processes rank 0 alone reports it
+        if int(os.environ.get("RANK") or 0) == 0:  # under several processes rank 0 alone reports it ...
             print(f"cadence: error: {err}", file=sys.stderr)
+        from .launch import leave_error
+
+        leave_error(str(err))  # ... and cadence fit --nproc shows those of other ranks that differ from it
         return 2
     except OSError as err:  # a read-only folder, a full disk, an over-long name: one sentence, no traceback
         from ..rundir import describe_os_error
