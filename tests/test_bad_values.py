@@ -213,13 +213,13 @@ def test_seeds_at_the_edges_of_64_bits_train(tmp_path: Path, name: str) -> None:
         assert t.step == 2
 
 
-def test_compile_without_a_cpp_compiler_is_refused_at_once(tmp_path: Path, monkeypatch) -> None:
+def test_compile_without_a_cpp_compiler_is_refused_at_once(tmp_path: Path) -> None:
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/c++",))
-    with pytest.raises(ConfigError, match=r"compile=True: .*no C\+\+ compiler.*aot_eager"):
-        build(MLP(), {"compile": True}, tmp_path)
-    build(MLP(), {"compile": True, "compile_options": {"backend": "aot_eager"}}, tmp_path)  # no C++ needed
+    with config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        with pytest.raises(ConfigError, match=r"compile=True: .*no C\+\+ compiler.*aot_eager"):
+            build(MLP(), {"compile": True}, tmp_path)
+        build(MLP(), {"compile": True, "compile_options": {"backend": "aot_eager"}}, tmp_path)  # no C++ needed
 
 
 # ----------------------------------------------------------------------------------------------- cadence fit
@@ -265,3 +265,69 @@ def test_a_bad_cadence_fit_option_is_one_error_line(tmp_path: Path, capsys, opti
         assert piece in err, f"{piece!r} missing from {err!r}"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+class DataDependent(MLP):
+    """A branch on a value of the data: torch.compile cannot trace it as one graph."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.net(x), y)
+        if loss.item() > 100:
+            return loss * 2
+        return loss
+
+
+@pytest.mark.slow
+def test_a_data_dependent_branch_under_compile_falls_back_and_says_so_without_progress(tmp_path: Path,
+                                                                                         capsys) -> None:
+    t = build(DataDependent(), {"compile": True, "max_steps": 2}, tmp_path)
+    t.fit()
+    err = capsys.readouterr().err
+    assert t.step == 2
+    assert "cadence: compile: the model's forward does not compile as one graph" in err
+    assert "cadence: compile: step 1 took" in err and "fullgraph=False" in err
+
+
+# ----------------------------------------------------------------------------------------------- export, runs
+def test_export_best_says_when_the_best_checkpoint_is_gone(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["fit", *TINY, "--trainer.max_steps", "8", "--trainer.val_every", "2", "--trainer.checkpoint_every",
+                 "2", "--trainer.keep_last", "1", "--trainer.keep_best", "[val/loss, max]", "--run-dir", str(run)]) == 0
+    kept = sorted((run / "checkpoints").iterdir())
+    assert len(kept) == 2  # the newest, and the best (the highest loss: the first)
+    assert main(["export", str(run), "--best", "-o", str(tmp_path / "a.safetensors")]) == 0
+    assert kept[0].name in capsys.readouterr().out
+    shutil.rmtree(kept[0])
+    assert main(["export", str(run), "--best", "-o", str(tmp_path / "b.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"the best checkpoint of the run {str(run)!r}, {kept[0].name}" in err and "is gone" in err, err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_runs_names_a_metric_no_run_logs(tmp_path: Path, capsys) -> None:
+    build(MLP(), {"max_steps": 2, "valid_frac": 0.2, "run_dir": RUN}, tmp_path).fit()
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path), "--metric", "val/acc"]) == 0
+    out, err = capsys.readouterr()
+    assert "run" in out and "no run here logs 'val/acc'; they log" in err and "val/loss" in err
+    assert main(["runs", str(tmp_path), "--metric", "val/loss"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_runs_lists_a_folder_it_cannot_read_and_the_others(tmp_path: Path, capsys, monkeypatch) -> None:
+    build(MLP(), {"max_steps": 2, "run_dir": RUN}, tmp_path).fit()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = Path.is_file
+
+    def is_file(self: Path) -> bool:  # what a folder without read/search permission does (tests may run as root)
+        if self.parent == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    with pytest.warns(UserWarning, match="locked: cannot read the run"):
+        assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[:2] for line in out.splitlines()]
+    assert ["locked", "unreadable"] in rows and ["run", "finished"] in rows, out
