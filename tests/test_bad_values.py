@@ -331,3 +331,15 @@ def test_runs_lists_a_folder_it_cannot_read_and_the_others(tmp_path: Path, capsy
     out = capsys.readouterr().out
     rows = [line.split()[:2] for line in out.splitlines()]
     assert ["locked", "unreadable"] in rows and ["run", "finished"] in rows, out
+
+
+@pytest.mark.parametrize("options", [
+    ["--trainer.ema", '{"class_path": "cadence.EMA", "init_args": {"beta": 0.99}}', "--trainer.validate_on", "both"],
+    ["--trainer.schedule", "plateau", "--trainer.plateau", '{"class_path": "cadence.Plateau"}'],
+])
+def test_the_nproc_launchers_check_takes_classes_given_by_class_path(options: list[str]) -> None:
+    from cadence.cli.main import check_launch, root_parser
+
+    check_launch(root_parser(), options)  # the demo's config, with these: no error
+    with pytest.raises(ConfigError, match="validate_on='ema'"):
+        check_launch(root_parser(), ["--trainer.validate_on", "ema"])
