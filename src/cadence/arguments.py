@@ -170,8 +170,9 @@ def check_types(a: dict[str, Any]) -> None:
         raise bad("val_data", type(val).__name__, "pass tensors, a TensorDataset, a map-style Dataset, a "
                   "DataLoader, an iterable of batches, or {name: data}.")
     callbacks = a["callbacks"]
-    if not _is_list(callbacks) or not all(any(hasattr(cb, e) for e in EVENTS) for cb in callbacks):
-        raise bad("callbacks", callbacks, f"give a list of objects with some of {', '.join(EVENTS)}.")
+    if not _is_list(callbacks) or not all(any(hasattr(cb, e) for e in (*EVENTS, "state_dict")) for cb in callbacks):
+        raise bad("callbacks", callbacks, f"give a list of objects with some of {', '.join(EVENTS)} (or "
+                  "state_dict/load_state_dict).")
     metrics = a["metrics"]
     if metrics is not None and (not isinstance(metrics, Mapping) or not all(callable(f) for f in metrics.values())):
         raise bad("metrics", metrics, "give {name: callable(output, batch) -> scalar}.")
