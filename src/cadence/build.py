@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoints
 from .checkpoint.saver import Saver
-from .compiling import Compiler
+from .compiling import Compiler, check_compiler
 from .data.build import DataSettings, prepare
+from .data.identity import order_arguments
 from .data.valsets import check_watched
 from .device import mover, resolve_device
 from .distributed import init_distributed, make_strategy
@@ -25,7 +26,7 @@ from .precision import Precision
 from .profiling import StepProfiler
 from .progress import Progress
 from .records import Records
-from .rundir import RunFolder
+from .rundir import RunFolder, notice
 from .schedule import Schedule
 from .signals import StopSignals
 from .stages import StagePlan
@@ -61,6 +62,7 @@ def build_data(t: Trainer, a: SimpleNamespace) -> None:
                    val_indices=a.val_indices)
     t.stream, t.val_data, t.data_length = data.stream, data.val_data, data.length
     t._datasets = stateful_datasets(a.train_data)
+    t._order_arguments = order_arguments(vars(a))  # checked against a checkpoint's on resume
     t.steps_per_epoch = t.stream.steps_per_epoch
     if a.max_epochs is not None and not t.stream.single:
         raise bad("max_epochs", a.max_epochs, "with several training sources an epoch is not defined; use "
@@ -88,7 +90,8 @@ def build_training(t: Trainer, a: SimpleNamespace) -> None:
         loss_weights=dict(a.loss_weights) if a.loss_weights else None,
         forward_kwargs=dict(a.forward_kwargs or {}), clip_per_group=a.clip_per_group,
         part_names=tuple(a.part_names) if a.part_names is not None else None, loss_index=a.loss_index)
-    t._compiler = Compiler(a.compile, a.compile_options, lambda text: t.progress.message(text))
+    check_compiler(a.compile, a.compile_options or {}, t.device)
+    t._compiler = Compiler(a.compile, a.compile_options, lambda text: say(t, text))
     t._sync_stage()
     t.on_nonfinite, t.max_nonfinite = a.on_nonfinite, a.max_nonfinite
     t.nonfinite_in_a_row = t.nonfinite_total = 0
@@ -132,6 +135,14 @@ def build_run(t: Trainer, a: SimpleNamespace) -> None:
     t.records_at_checkpoint = None
     t._saved_at = None
     t._saved_records = None
+
+
+def say(t: Trainer, text: str) -> None:
+    """A line for the user: among the progress lines, or (progress=False) on stderr; the main process only."""
+    if t.progress.enabled:
+        t.progress.message(text)
+    elif t.is_main:
+        notice(text)
 
 
 def total_steps(max_steps: int | None, max_epochs: int | None, steps_per_epoch: int | None,

@@ -69,6 +69,27 @@ def check_options(options: Mapping[str, Any]) -> str:
     return ""
 
 
+def check_compiler(setting: bool | str, options: Mapping[str, Any], device: torch.device) -> None:
+    """On the CPU, inductor (torch.compile's default backend) builds C++: refuse ``compile`` at once when no C++
+    compiler is found, rather than in the middle of the first step."""
+    if setting is False or device.type != "cpu" or options.get("backend", "inductor") != "inductor":
+        return
+    from torch._inductor import config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from .errors import bad
+
+    search = tuple(config.cpp.cxx) if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    try:
+        cpp_compiler_search(search)
+    except InvalidCxxCompiler:
+        tried = ", ".join(str(c) for c in search if c)
+        raise bad("compile", setting, f"on the CPU torch.compile (inductor) builds C++, and no C++ compiler was "
+                  f"found (tried {tried}); install g++ or clang (or set CXX), pass compile_options={{backend: "
+                  "aot_eager}, or leave compile=False.") from None
+
+
 class FullgraphFirst:
     """A compiled module's forward: ``fullgraph=True`` first; at a graph break, ``fullgraph=False`` for good."""
 
@@ -80,7 +101,7 @@ class FullgraphFirst:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return self.call(*args, **kwargs)
-        except torch._dynamo.exc.Unsupported as err:
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:  # a break; a data-dependent branch
             if not self.fullgraph:
                 raise
             reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
@@ -232,7 +253,7 @@ class Compiler:
             later = ""
             if self.update is not None and not self.update.compiled_calls:  # a first step at learning rate 0
                 what, later = "model", "; the clip and optimizer step compile at the first step whose lr is not 0"
-            trainer.progress.message(f"compile: step {trainer.step} took {seconds:.1f} s, compiling the {what} "
+            self._say(f"compile: step {trainer.step} took {seconds:.1f} s, compiling the {what} "
                                      f"(mode={self.options.get('mode', 'default')}, fullgraph={fullgraph})"
                                      + later + self.update_note)
             trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": "train",

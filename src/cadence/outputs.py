@@ -163,6 +163,10 @@ def read_output(out: Any, training: bool, loss_weights: Mapping[str, float] | No
     if loss_index is not None:
         out = loss_at(out, loss_index, part_names)
         part_names = None
+    if part_names is not None and training and not (_is_pair(out) and not isinstance(out[1], Mapping)):
+        returned = "a dict of named parts" if isinstance(out, Mapping) or _is_pair(out) else "no tuple of parts"
+        raise bad("part_names", list(part_names), f"they name the entries of a (loss, (part, ...)) tuple, and the "
+                  f"model returns {returned} ({type(out).__name__}); drop part_names.")
     if loss_weights:
         return _weighted(out, training, loss_weights, part_names)
     if isinstance(out, torch.Tensor):

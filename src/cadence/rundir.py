@@ -34,9 +34,11 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 LOCK = ".lock"
-# Top-level files a run writes. config.yaml is not among them: a script may write its own before training,
-# and cadence fit replaces it (atomically) when the run starts.
+# Top-level files a run writes. config.yaml is not among them: cadence fit writes it (with CONFIG_MARK on its
+# first line), and a config.yaml without the mark is a user's, never replaced without --overwrite.
 FILES = ("metrics.jsonl",)
+CONFIG = "config.yaml"
+CONFIG_MARK = "# written by cadence fit: the resolved config of this run (cadence fit --config FILE replays it)\n"
 FINAL = ("model.safetensors", "ema.safetensors")  # final/ files
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # folders the trackers' own libraries fill
 EXTRA = ("report.html", "profile/trace.json")  # removed by overwrite, but alone they are no run
@@ -115,6 +117,26 @@ def refuse_existing_run(run_dir: Path, name: str = "run_dir") -> None:
         shown = ", ".join(str(p.relative_to(run_dir)) for p in found[:4]) + (", ..." if len(found) > 4 else "")
         raise bad(name, str(run_dir), f"the folder already holds a run ({shown}); continue it with resume='auto' "
                   "(--resume), choose another folder, or pass overwrite=True (--overwrite) to replace it.")
+
+
+def foreign_config(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a ``config.yaml`` that cadence fit did not write (no mark, no run beside it)."""
+    path = run_dir / CONFIG
+    if not path.is_file() or run_contents(run_dir):
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline() != CONFIG_MARK
+    except OSError:
+        return True
+
+
+def check_config_file(run_dir: Path, overwrite: bool, name: str = "--run-dir") -> None:
+    """cadence fit writes ``RUN/config.yaml``: a file of that name it did not write is replaced only with
+    ``--overwrite`` (read only)."""
+    if not overwrite and foreign_config(run_dir):
+        raise bad(name, str(run_dir), f"the folder holds a {CONFIG} that cadence fit did not write, and the run "
+                  f"writes its own there; move your file, choose another folder, or pass --overwrite to replace it.")
 
 
 FIXES = {errno.ENOSPC: "free some space; what was saved before is intact",
@@ -317,12 +339,17 @@ class RunFolder:
             if self.fresh and not self._claimed:
                 if not self.overwrite:
                     refuse_existing_run(self.path)
+                    if self.config_yaml is not None:
+                        check_config_file(self.path, self.overwrite)
+                foreign = self.config_yaml is not None and foreign_config(self.path)
                 removed = clear_run(self.path)
                 if removed:
                     notice(f"overwrite: removed {', '.join(removed)} from {self.path}")
+                if foreign:
+                    notice(f"overwrite: replaced {CONFIG} (not written by cadence fit) in {self.path}")
             self._claimed = True
             if self.config_yaml is not None:
-                write_atomic(self.path / "config.yaml", self.config_yaml)
+                write_atomic(self.path / CONFIG, CONFIG_MARK + self.config_yaml)
                 self.config_yaml = None
         except OSError as err:
             raise os_error(err, "run_dir", self.path) from None

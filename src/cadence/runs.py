@@ -74,7 +74,7 @@ def find_runs(folder: str | Path) -> list[Path]:
         raise bad("dir", str(folder), "no such folder; give a folder of runs (default: runs).")
     if _is_run(root):
         return [root]
-    runs = sorted(p for p in root.iterdir() if p.is_dir() and _is_run(p))
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and _is_run_or_unreadable(p))
     if not runs:
         raise bad("dir", str(folder), "it holds no run folders (none with metrics.jsonl or config.yaml); give "
                   "the folder that cadence fit writes runs into (default: runs) or a run folder.")
@@ -83,6 +83,27 @@ def find_runs(folder: str | Path) -> list[Path]:
 
 def _is_run(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file()
+
+
+def _is_run_or_unreadable(path: Path) -> bool:
+    """A run folder, or one that cannot be looked into (listed as unreadable, with a warning, never skipped)."""
+    try:
+        return _is_run(path)
+    except OSError:
+        return True
+
+
+def logged_names(records: list[dict[str, Any]]) -> set[str]:
+    """The series :func:`metric_series` can read from ``records``: ``train/loss``, ``val/acc``, ``lr``, ..."""
+    names = set()
+    for r in records:
+        if "loss" not in r:
+            continue
+        split = r.get("split")
+        prefix = f"{split}/" if split else ""
+        names.update(f"{prefix}{k}" for k in ("loss", *(r.get("parts") or {})))
+        names.update(k for k in ("lr", "grad_norm", "samples_per_s") if isinstance(r.get(k), (int, float)))
+    return names
 
 
 def status(run_dir: Path, records: list[dict[str, Any]], now: float | None = None,

@@ -89,7 +89,7 @@ class Schedule:
     def _check_unit_and_plateau(self) -> None:
         if self.unit not in UNITS:
             raise bad("schedule_unit", self.unit, 'use "step" (the default) or "epoch".')
-        if self.unit == "epoch" and (self.name in ("linear", "cosine", "plateau")):
+        if self.unit == "epoch" and (self.name in ("constant", "linear", "cosine", "plateau")):
             raise bad("schedule_unit", self.unit, f"schedule={self.name!r} does not count epochs; per-epoch "
                       "units apply to multistep, exponential and a callable; leave schedule_unit='step'.")
         if self.unit == "epoch" and not self.steps_per_epoch:

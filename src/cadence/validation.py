@@ -111,4 +111,4 @@ def decide(trainer: Trainer, metrics: dict[str, float]) -> bool:
         trainer.progress.message(f"step {trainer.step}: {reason}")
         trainer._emit({"step": trainer.step, "epoch": trainer.stream.epoch, "split": "train", "event": "stop",
                        "reason": reason})
-    return trainer.checkpoints is not None and trainer.checkpoints.improves(metrics)
+    return trainer.checkpoints is not None and trainer.checkpoints.improves(metrics, trainer.step)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..data.identity import ORDER_ARGUMENTS
 from ..errors import ConfigError
 from ..version import __version__
 from ..weights import host_tensors
@@ -26,13 +27,15 @@ from .state import rng_state, set_rng_state
 if TYPE_CHECKING:
     from ..trainer import Trainer
 
-# Arguments that fix which items each step sees: a resume that changes them cannot be exact.
-DATA_KEYS = ("data_length", "batch_size", "grad_accum", "world_size", "seed")
+# Arguments that fix which items each step sees, and in what order: a resume that changes them cannot be exact.
+# (A checkpoint written before a key was added does not hold it, and is not checked for it.)
+DATA_KEYS = ("data_length", "batch_size", "grad_accum", "world_size", "seed", *ORDER_ARGUMENTS)
 
 
 def run_identity(trainer: Trainer) -> dict[str, Any]:
     return {"data_length": trainer.data_length, "batch_size": trainer.batch_size,
-            "grad_accum": trainer.grad_accum, "world_size": trainer.world_size, "seed": trainer.seed}
+            "grad_accum": trainer.grad_accum, "world_size": trainer.world_size, "seed": trainer.seed,
+            **trainer._order_arguments}
 
 
 def capture(trainer: Trainer, staging: Staging | None = None) -> dict[str, Any]:
@@ -108,8 +111,9 @@ def check_fits(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> None:
     changed = [f"{k} {meta.get(k)} -> {now[k]}" for k in DATA_KEYS if k in meta and meta[k] != now[k]]
     if changed:
         raise ConfigError(f"resume={str(folder)!r}: the run changed since this checkpoint ({'; '.join(changed)}); "
-                          "an exact resume needs the same data, batch_size, grad_accum, world size and seed. "
-                          "Put them back, or start a new run.")
+                          "an exact resume needs the same data and every option that decides which items train "
+                          "and in what order (batch_size, grad_accum, world size, seed, the split, the sampling, "
+                          "the sources) as they were. Put them back, or start a new run.")
     if not trainer.strategy.resumes(meta.get("strategy")):
         raise ConfigError(f"resume={str(folder)!r}: saved with strategy {meta.get('strategy')!r}, resumed with "
                           f"{trainer.strategy.name!r}; use the same strategy.")

@@ -33,6 +33,7 @@ class Checkpoints:
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.best_value: float | None = None  # the best value of keep_best's metric saved so far (resumed too)
+        self.best_step: int | None = None  # the step of its checkpoint
 
     def path(self, step: int) -> Path:
         return self.root / f"step-{step:09d}"
@@ -94,9 +95,9 @@ class Checkpoints:
             raise bad("keep_best", tuple(self.keep_best), f"{self.keep_best[0]!r} is never logged; the logged names "
                       f"are {', '.join(sorted(metrics))}.")
 
-    def improves(self, metrics: dict[str, float]) -> bool:
+    def improves(self, metrics: dict[str, float], step: int) -> bool:
         """Whether this validation's value of ``keep_best``'s metric beats every one saved so far (then it is
-        remembered: the caller saves a checkpoint at this validation)."""
+        remembered: the caller saves a checkpoint at this validation, ``step``)."""
         if self.keep_best is None or self.keep_best[0] not in metrics:
             return False
         metric, mode = self.keep_best
@@ -105,26 +106,28 @@ class Checkpoints:
             return False
         if self.best_value is not None and not (value < self.best_value if mode == "min" else value > self.best_value):
             return False
-        self.best_value = value
+        self.best_value, self.best_step = value, step
         return True
 
     def best_state(self) -> dict[str, Any] | None:
-        """``keep_best`` and the best value saved so far, for the checkpoint (``cadence export --best`` reads the
-        metric from it when the run has no config.yaml)."""
+        """``keep_best``, the best value saved so far and the step of its checkpoint, for every checkpoint:
+        ``cadence export --best`` reads the metric from it when the run has no config.yaml, and says when the
+        best checkpoint was removed since rather than take the next best silently."""
         if self.keep_best is None:
             return None
-        return {"metric": self.keep_best[0], "mode": self.keep_best[1], "value": self.best_value}
+        return {"metric": self.keep_best[0], "mode": self.keep_best[1], "value": self.best_value,
+                "step": self.best_step}
 
     def load_best_state(self, state: dict[str, Any] | None) -> None:
-        self.best_value = state.get("value") if state and self.keep_best is not None \
-            and [state.get("metric"), state.get("mode")] == list(self.keep_best) else None
+        same = bool(state) and self.keep_best is not None \
+            and [state.get("metric"), state.get("mode")] == list(self.keep_best)
+        self.best_value = state.get("value") if same else None
+        self.best_step = state.get("step") if same else None
 
-    def _best(self, folders: list[Path]) -> Path | None:
-        """The checkpoint with the best value among those saved at their validation's step (whose weights are the
-        validated ones; a checkpoint saved steps after a validation holds other weights than those measured)."""
-        if self.keep_best is None:
-            return None
-        metric, mode = self.keep_best
+    def _scores(self, folders: list[Path]) -> list[tuple[float, Path]]:
+        """(value, folder) of the checkpoints saved at their validation's step (whose weights are the validated
+        ones; a checkpoint saved steps after a validation holds other weights than those measured)."""
+        metric, mode = self.keep_best or ("", "min")
         scored = []
         for folder in folders:
             try:
@@ -134,6 +137,12 @@ class Checkpoints:
             value = state.get("metrics", {}).get(metric)
             if value is not None and state.get("validated_at") == state.get("step") and not math.isnan(value):
                 scored.append((value if mode == "min" else -value, folder))
+        return scored
+
+    def _best(self, folders: list[Path]) -> Path | None:
+        if self.keep_best is None:
+            return None
+        scored = self._scores(folders)
         return min(scored)[1] if scored else None
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
@@ -39,6 +40,7 @@ def check_trainer_values(cfg: Any) -> None:
 
     from ..arguments import check_basic
     from ..trainer import Trainer
+    from .classes import build
 
     values = {k: p.default for k, p in inspect.signature(Trainer).parameters.items()}
     values.update(cfg.trainer.as_dict() if hasattr(cfg.trainer, "as_dict") else dict(cfg.trainer))
@@ -46,6 +48,9 @@ def check_trainer_values(cfg: Any) -> None:
     # the workers always get a run folder: --run-dir, --resume's, or the one the launcher makes
     values.update(run_dir=cfg.get("run_dir") or cfg.get("resume") or "runs")
     try:
+        for key in ("ema", "plateau"):  # given as class_path + init_args: checked as the objects they build
+            if isinstance(values.get(key), Mapping) and "class_path" in values[key]:
+                values[key] = build(values[key], f"trainer.{key}")
         check_basic(values)
     except ConfigError:
         raise

@@ -27,7 +27,17 @@ def best_checkpoint(run: Path) -> Path:
     if not keep_best:
         raise ConfigError(f"--best: the run {str(run)!r} was not trained with keep_best (no trainer.keep_best in its "
                           "config.yaml nor in its checkpoints); export its newest weights without --best.")
-    best = Checkpoints(run / "checkpoints", keep_best=tuple(keep_best)).best()
+    checkpoints = Checkpoints(run / "checkpoints", keep_best=tuple(keep_best))
+    best = checkpoints.best()
+    newest = checkpoints.latest()
+    recorded = read_json(newest[0] / "trainer.json").get("best") if newest is not None else None
+    if recorded and recorded.get("step") is not None and (
+            best is None or best.name != checkpoints.path(recorded["step"]).name):
+        gone = checkpoints.path(recorded["step"])
+        raise ConfigError(f"--best: the best checkpoint of the run {str(run)!r}, {gone.name} ({keep_best[0]}="
+                          f"{recorded['value']:.6g}, as its newest checkpoint {newest[0].name} records), is gone; the "
+                          f"best one left is {best.name if best else 'none'}. Put the folder back, or export the "
+                          "newest weights without --best.")
     if best is None:
         raise ConfigError(f"--best: the run {str(run)!r} has no checkpoint with a value of {keep_best[0]!r} yet; "
                           "export its newest weights without --best.")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..rundir import check_run_dir, removed_on_failure, unique_run_dir
+from ..rundir import check_config_file, check_run_dir, removed_on_failure, unique_run_dir
 from .classes import build, instantiate, resolve_dotted  # objects from class_path + init_args; errors in one sentence
 
 
@@ -51,6 +51,7 @@ def run_fit(parser: Any, cfg: Any) -> int:
         run_dir = Path(cfg.run_dir)
         if not rank:  # rank 0 (or a single process) checks; the folder is made when fit() starts
             check_run_dir(run_dir, cfg.overwrite, name="--run-dir")
+            check_config_file(run_dir, cfg.overwrite)
     elif rank is not None:
         raise ConfigError("--run-dir=None: with several processes every rank must write into the same folder; "
                           "pass --run-dir, or launch with cadence fit --nproc N, which picks one for all.")
@@ -62,9 +63,11 @@ def run_fit(parser: Any, cfg: Any) -> int:
 
 
 def _train(parser: Any, cfg: Any, run_dir: Path) -> int:
+    from ..arguments import check_seeds
     from ..device import seed_everything
     from ..trainer import Trainer
 
+    check_seeds(dict(cfg.trainer))  # a seed torch cannot take is named here, before it seeds the model
     # the model's initial weights are part of the run: seed torch, and random and numpy, which some research
     # constructors draw from
     seed_everything(cfg.trainer.seed)

@@ -5,7 +5,9 @@ our own. Each worker runs ``python -m cadence fit`` with the remaining arguments
 The launcher keeps the signal contract of a single process:
 
 - The config is checked here, once, before any worker starts: a mistake is one ``cadence: error:`` line on
-  stderr and exit code 2 (a worker's own config error is reported by rank 0 alone, and still exits 2).
+  stderr and exit code 2. A worker's own error is printed by rank 0; every worker also leaves it in a folder
+  of the launcher's (``CADENCE_ERRORS``), and the launcher prints, naming the rank, each one rank 0 did not
+  print (an error on rank 1 only is shown, an error on every rank once).
 - SIGTERM, SIGINT and SIGUSR1 to the launcher (or its process group: torchrun starts each worker in a session
   of its own, so a worker gets the signal once, from the launcher) are forwarded to every worker; the workers
   agree on the step, save and exit, torchrun waits for them, and the launcher exits ``128 + signal``
@@ -17,12 +19,15 @@ The launcher keeps the signal contract of a single process:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime as dt
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +39,29 @@ LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun forwards these to every worker
 SHUTDOWN_TIMEOUT = 600  # seconds torchrun waits for the workers to save before it kills them
 LAUNCHER_PID = "CADENCE_LAUNCHER_PID"
+ERRORS = "CADENCE_ERRORS"  # the folder where each worker leaves its error, for the launcher to show
+
+
+_errors_folder: str | None = None  # a worker's: taken from the environment by die_with_launcher
+
+
+def leave_error(text: str) -> None:
+    """In a worker of ``cadence fit --nproc``: leave this rank's error for the launcher (it may not be rank 0's)."""
+    folder = _errors_folder
+    if folder:
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank-{int(os.environ.get('RANK') or 0):05d}.txt").write_text(text, encoding="utf-8")
+
+
+def show_worker_errors(folder: Path) -> None:
+    """The errors the workers left that rank 0 did not print (its own is on stderr already), once each."""
+    texts = {int(p.stem.split("-")[1]): p.read_text(encoding="utf-8", errors="replace")
+             for p in sorted(folder.glob("rank-*.txt"))}
+    shown = {texts.get(0)}
+    for rank, text in sorted(texts.items()):
+        if text not in shown:
+            print(f"cadence: error: rank {rank}: {text}", file=sys.stderr, flush=True)
+            shown.add(text)
 
 
 def wants_launch(argv: list[str]) -> bool:
@@ -107,6 +135,8 @@ def launch(argv: list[str], check: Callable[[list[str]], None]) -> int:
     note = waiting_note(known)
     if note:
         print(note, file=sys.stderr, flush=True)
+    errors = Path(tempfile.mkdtemp(prefix="cadence-errors-"))
+    os.environ[ERRORS] = str(errors)
     try:
         torchrun.main(torchrun_args(known, rest))
     except SignalException as stop:
@@ -114,7 +144,11 @@ def launch(argv: list[str], check: Callable[[list[str]], None]) -> int:
     except SystemExit as stop:
         return int(stop.code or 0)
     except Exception as err:  # torchrun raises ChildFailedError when a worker fails
+        show_worker_errors(errors)
         return worker_failure(err)
+    finally:
+        os.environ.pop(ERRORS, None)
+        shutil.rmtree(errors, ignore_errors=True)
     return 0
 
 
@@ -133,7 +167,9 @@ def worker_failure(err: Exception) -> int:
 
 def die_with_launcher() -> None:
     """In a worker of ``cadence fit --nproc``: ask Linux to SIGKILL this process when the launcher dies."""
+    global _errors_folder
     launcher = os.environ.pop(LAUNCHER_PID, None)  # popped: a process this worker starts is no worker
+    _errors_folder = os.environ.pop(ERRORS, None) if launcher else None
     if not launcher or not sys.platform.startswith("linux"):
         return
     try:

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..checkpoint.format import CheckpointError
@@ -19,6 +20,15 @@ from .classes import explain_class_error, import_class
 
 # Trainer arguments the CLI fills itself, or that only make sense from Python.
 SKIP = {"model", "train_data", "val_data", "run_dir", "overwrite", "resume"}
+# Labels given as a list, a function, or {source: either}: typed here so that jsonargparse writes a list back as
+# a list (with the Trainer's own hints, Hashable, it writes "Unable to serialize instance [...]", which no run
+# can read back).
+LABELS = {
+    "split_by": (list[Any] | Callable[[Any], Any] | None,
+                 "one group label per item, or a function item -> group (with valid_frac)"),
+    "balance_by": (list[Any] | dict[str, list[Any] | Callable[[Any], Any]] | Callable[[Any], Any] | None,
+                   "one label per item, a function item -> label, or {source: either} (sampler: balanced)"),
+}
 
 
 def fit_parser() -> Any:
@@ -42,8 +52,10 @@ def fit_parser() -> Any:
                         help="validation data, like --data (or use --trainer.valid_frac)")
     parser.add_argument("--test_data", type=dict[str, Any] | None, default=None,
                         help="test data, like --data: measured once after training, logged as test/...")
-    parser.add_class_arguments(Trainer, "trainer", skip=SKIP, instantiate=False, sub_configs=True,
+    parser.add_class_arguments(Trainer, "trainer", skip=SKIP | set(LABELS), instantiate=False, sub_configs=True,
                                fail_untyped=False, help="every Trainer argument, as --trainer.NAME")
+    for name, (hint, text) in LABELS.items():
+        parser.add_argument(f"--trainer.{name}", type=hint, default=None, help=text)
     parser.add_argument("--run_dir", "--run-dir", type=str | None, default=None,
                         help="the run folder (default: runs/<date>-<time>-<name>)")
     parser.add_argument("--name", type=str | None, default=None,
@@ -142,7 +154,7 @@ def check_launch(parser: Any, rest: list[str]) -> None:
     """What the ``--nproc`` launcher checks before starting workers: the config and the run folder."""
     from pathlib import Path
 
-    from ..rundir import check_run_dir
+    from ..rundir import check_config_file, check_run_dir
     from .checks import check_trainer_values
     from .fit import resume_folder
 
@@ -152,6 +164,7 @@ def check_launch(parser: Any, rest: list[str]) -> None:
         resume_folder(cfg)
     elif cfg.run_dir:
         check_run_dir(Path(cfg.run_dir), cfg.overwrite, name="--run-dir")
+        check_config_file(Path(cfg.run_dir), cfg.overwrite)
 
 
 def known_keys(parser: Any) -> list[str]:
@@ -331,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return runs(cfg.runs)
     except (ConfigError, CheckpointError) as err:
-        if int(os.environ.get("RANK") or 0) == 0:  # under several processes rank 0 alone reports it
+        if int(os.environ.get("RANK") or 0) == 0:  # under several processes rank 0 alone reports it ...
             print(f"cadence: error: {err}", file=sys.stderr)
+        from .launch import leave_error
+
+        leave_error(str(err))  # ... and cadence fit --nproc shows those of other ranks that differ from it
         return 2
     except OSError as err:  # a read-only folder, a full disk, an over-long name: one sentence, no traceback
         from ..rundir import describe_os_error

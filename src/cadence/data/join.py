@@ -29,6 +29,11 @@ def _join(parts: list[Any], names: Sequence[str], where: str) -> Any:
         if any(p.ndim == 0 for p in parts):
             raise bad("mix", "concat", f"{where} is a 0-dim tensor in the batches of {list(names)}, which has no "
                       "rows to join; give every field a first (batch) dimension, or use mix='each'.")
+        shapes = [tuple(p.shape[1:]) for p in parts]
+        if len(set(shapes)) > 1:
+            raise bad("mix", "concat", f"{where} has rows of different shapes in the batches of {list(names)} "
+                      f"({', '.join(f'{n}: {list(s)}' for n, s in zip(names, shapes))}); the rows joined must have "
+                      "the same shape: pad them to one width (e.g. in collate_fn), or use mix='each'.")
         return torch.cat(parts)
     if isinstance(first, Mapping):
         _same(parts, Mapping, names, where)

@@ -74,8 +74,8 @@ class Sources:
 
     def next_step(self) -> list[Draw]:
         self.draws += 1
-        if self.single:
-            return [self._draw(None, 1.0)]
+        if self.single:  # plain data (named None), or a dict of one source
+            return [self._draw(self.names[0], 1.0)]
         if self.mix == "each":
             return [self._draw(n, self.weights[n]) for n in self.names]
         if self.mix == "concat":
