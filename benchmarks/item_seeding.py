@@ -200,14 +200,17 @@ def hand_loop(model: nn.Module, data: Items, steps: int, workers: int) -> Callab
     return run
 
 
-def cadence_loop(wrapper: type) -> Callable[[nn.Module, Items, int, int], Callable[[], None]]:
+Loop = Callable[[nn.Module, Items, int, int], Callable[[], None]]
+
+
+def cadence_loop(wrapper: type, item_seeding: bool = True) -> Loop:
     def build(model: nn.Module, data: Items, steps: int, workers: int) -> Callable[[], None]:
         def run() -> None:
             cadence.data.loading.SeededItems = wrapper  # the wrapper the data path is built with
             try:
                 Trainer(model, data, batch_size=BATCH, max_steps=steps, optimizer="adamw", lr=LR,
                         max_grad_norm=MAX_NORM, log_every=steps, progress=False, device="cpu", seed=0,
-                        num_workers=workers).fit()
+                        num_workers=workers, item_seeding=item_seeding).fit()
             finally:
                 cadence.data.loading.SeededItems = seeding.SeededItems
 
@@ -218,7 +221,8 @@ def cadence_loop(wrapper: type) -> Callable[[nn.Module, Items, int, int], Callab
 
 LOOPS = {"hand": ("hand-written DataLoader loop", hand_loop),
          "before": ("cadence defaults, eager seeding (before)", cadence_loop(EagerSeededItems)),
-         "after": ("cadence defaults (after)", cadence_loop(seeding.SeededItems))}
+         "after": ("cadence defaults (after)", cadence_loop(seeding.SeededItems)),
+         "off": ("cadence, item_seeding=False", cadence_loop(seeding.SeededItems, item_seeding=False))}
 
 
 def part_steps(args: argparse.Namespace) -> None:
@@ -226,8 +230,8 @@ def part_steps(args: argparse.Namespace) -> None:
     measure = "items/s (wall clock)" if workers else "us/step (CPU time of this thread)"
     print(f"num_workers={workers}, {args.steps} steps, batch {BATCH}, median of {args.repeats}; {measure}")
     print()
-    print("| case | " + " | ".join(LOOPS[k][0] for k in LOOPS) + " | before / hand | after / hand |")
-    print("| --- |" + " ---: |" * (len(LOOPS) + 2))
+    print("| case | " + " | ".join(LOOPS[k][0] for k in LOOPS) + " | before / hand | after / hand | off / hand |")
+    print("| --- |" + " ---: |" * (len(LOOPS) + 3))
     for case in args.cases:
         init, data = make_case(case)
         times: dict[str, list[float]] = {k: [] for k in LOOPS}
@@ -245,8 +249,8 @@ def part_steps(args: argparse.Namespace) -> None:
         same = all(torch.equal(p, q) for k in LOOPS for p, q in zip(finals["hand"], finals[k]))
         med = {k: statistics.median(v) for k, v in times.items()}
         cells = " | ".join(f"{med[k]:.0f} ({spread(times[k], '{:.0f}')})" for k in LOOPS)
-        ratio = (lambda k: med["hand"] / med[k]) if workers else (lambda k: med[k] / med["hand"])
-        print(f"| {case} | {cells} | {ratio('before'):.3f}x | {ratio('after'):.3f}x |"
+        ratio = {k: med["hand"] / med[k] if workers else med[k] / med["hand"] for k in LOOPS}
+        print(f"| {case} | {cells} | {ratio['before']:.3f}x | {ratio['after']:.3f}x | {ratio['off']:.3f}x |"
               + ("" if same else " (weights differ!)"), flush=True)
     print()
     print("ratios: cost against the hand-written loop (CPU time, or the hand loop's items/s over the loop's), "
