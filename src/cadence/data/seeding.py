@@ -85,6 +85,11 @@ def seed_generators(value: int) -> None:
     torch.default_generator.manual_seed(value)
 
 
+def _view(address: int, size: int) -> memoryview:
+    """The ``size`` bytes at ``address``, live: ``bytes()`` of it reads them (10x cheaper than ``string_at``)."""
+    return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
 class _Python:
     """``random``'s global generator. ``random.getstate()`` builds a tuple of 625 ints (about 6 us, and as
     much to compare two), so its state is read from memory instead: the C object's ``int index; uint32_t
@@ -93,11 +98,18 @@ class _Python:
 
     def __init__(self) -> None:
         self.words = _python_words(random._inst)
+        if self.words is not None:
+            self.marked = _view(self.words.ctypes.data, 20)  # the index and the first 4 words
 
     def state(self) -> Any:
         if self.words is None:
             return random.getstate()
         return self.words.tobytes(), random._inst.gauss_next
+
+    def mark(self) -> Any:
+        if self.words is None:
+            return random.getstate()
+        return bytes(self.marked), random._inst.gauss_next
 
     def put_back(self, state: Any) -> None:
         if self.words is None:
@@ -135,11 +147,20 @@ class _Torch:
 
     def __init__(self) -> None:
         self.region = _torch_region()
+        if self.region is not None:  # the seed, the position and the first 4 words; the normal caches
+            at = self.region[0]
+            self.marked = _view(at, _MT_HEAD + 16), _view(at + _MT_REGION - 24, 24)
 
     def state(self) -> Any:
         if self.region is None:
             return torch.default_generator.get_state().numpy().tobytes()
         return ctypes.string_at(*self.region)
+
+    def mark(self) -> Any:
+        if self.region is None:
+            return self.state()
+        head, caches = self.marked
+        return bytes(head), bytes(caches)
 
     def put_back(self, state: Any) -> None:
         if self.region is None:
@@ -194,6 +215,9 @@ class _Numpy:
         words = (ctypes.c_uint32 * 625).from_address(rs._bit_generator.ctypes.state_address)
         self.words = np.ctypeslib.as_array(words)  # a view: key[624] then pos
         self.cache = _gauss_cache(rs)
+        if self.cache is not None:  # the first 4 words, the position; the cached normal's flag and value
+            at = ctypes.addressof(words)
+            self.marked = _view(at, 16), _view(at + 2496, 4), _view(ctypes.addressof(self.cache[0]), 16)
 
     def state(self) -> tuple[bytes, int, float]:
         if self.cache is None:
@@ -201,6 +225,12 @@ class _Numpy:
             return key.tobytes() + struct.pack("i", pos), flag, value
         flag, value = self.cache
         return self.words.tobytes(), flag.value, value.value
+
+    def mark(self) -> Any:
+        if self.cache is None:
+            return self.state()
+        words, pos, cache = self.marked
+        return bytes(words), bytes(pos), bytes(cache)
 
     def put_back(self, state: tuple[bytes, int, float]) -> None:
         words, flag, value = state
@@ -248,12 +278,15 @@ class SeededItems(Dataset):
     """``data`` read micro-batch by micro-batch with the draws seeded as the module docstring says.
 
     The sampler gives it keys ``(epoch, micro_batch, indices)``; ``__getitems__`` returns the items, which the
-    DataLoader then collates. ``drawn`` holds the generators this process has seen the dataset draw from.
+    DataLoader then collates. ``drawn`` holds the generators (their places in ``_generators()``) this process
+    has seen the dataset draw from; the others are watched.
     """
 
     def __init__(self, data: Any, seed: int, per_item: bool) -> None:
         self.data, self.seed, self.per_item = data, seed, per_item
-        self.drawn: tuple[Any, ...] = ()
+        self.drawn: tuple[int, ...] = ()
+        self._marked: tuple[Any, ...] = (None, None, None)  # the generators' marks when _states was copied
+        self._states: list[Any] = [None, None, None]
 
     def __len__(self) -> int:
         return len(self.data)
@@ -274,25 +307,54 @@ class SeededItems(Dataset):
         return items
 
     def _read(self, epoch: int, indices: Sequence[int], put_back: bool) -> list[Any]:
-        """The items, each read right after seeding the generators in ``drawn``. A watched generator (one not
-        in ``drawn``) that moved is put back and joins ``drawn``, and the micro-batch is read again."""
+        """The items, each read right after seeding the generators in ``drawn``. A watched generator whose mark
+        changed is put back (in the main process) and joins ``drawn``, and the micro-batch is read again."""
+        if not self.drawn:  # the usual case, kept to a few calls: a dataset not seen drawing
+            items = self._read_watching_all(indices, put_back)
+            if items is not None:
+                return items
+        generators = _generators()
         while True:
-            watched = [g for g in _generators() if g not in self.drawn]
-            before = [g.state() for g in watched]
-            saved = [g.state() for g in self.drawn] if put_back else []
+            drawn = [generators[k] for k in self.drawn]
+            watched = [k for k in range(len(generators)) if k not in self.drawn]
+            marks = [generators[k].mark() for k in watched]
+            if put_back:  # the states to put back: the drawn generators', and the watched ones' before the read
+                saved = [g.state() for g in drawn]
+                kept = [generators[k].state() for k in watched]
             items = []
-            if self.drawn:
-                for s, i in zip(item_seeds(self.seed, epoch, indices), indices):
-                    for g in self.drawn:
-                        g.seed(s)
-                    items.append(self.data[i])
-            else:
-                items = [self.data[i] for i in indices]
-            for g, state in zip(self.drawn, saved):
-                g.put_back(state)
-            moved = [(g, state) for g, state in zip(watched, before) if g.state() != state]
+            for s, i in zip(item_seeds(self.seed, epoch, indices), indices):
+                for g in drawn:
+                    g.seed(s)
+                items.append(self.data[i])
+            if put_back:
+                for g, state in zip(drawn, saved):
+                    g.put_back(state)
+            moved = [n for n, (k, m) in enumerate(zip(watched, marks)) if generators[k].mark() != m]
             if not moved:
                 return items
-            for g, state in moved:
-                g.put_back(state)
-            self.drawn = tuple(g for g in _generators() if g in self.drawn or g in [m for m, _ in moved])
+            if put_back:
+                for n in moved:
+                    generators[watched[n]].put_back(kept[n])
+            self.drawn = tuple(sorted(self.drawn + tuple(watched[n] for n in moved)))
+
+    def _read_watching_all(self, indices: Sequence[int], put_back: bool) -> list[Any] | None:
+        """The items read with no generator seeded, or ``None`` if one moved (then put back, and in ``drawn``).
+
+        In the main process a generator is put back from a copy of its state, taken again only when its mark
+        moved since the last copy (the model's draws move torch's at every step with dropout)."""
+        generators = _generators()
+        before = tuple(g.mark() for g in generators)
+        if put_back and before != self._marked:
+            self._states = [state if mark == last else g.state()
+                            for g, mark, last, state in zip(generators, before, self._marked, self._states)]
+            self._marked = before
+        items = [self.data[i] for i in indices]
+        after = tuple(g.mark() for g in generators)
+        if after == before:
+            return items
+        moved = tuple(k for k in range(len(generators)) if after[k] != before[k])
+        if put_back:
+            for k in moved:
+                generators[k].put_back(self._states[k])
+        self.drawn = moved
+        return None
