@@ -16,11 +16,13 @@ far the run got. cadence fixes it instead:
   workers draw what the uninterrupted run's did.
 
 Seeding is lazy, because seeding three generators costs more than reading a small item: each process seeds,
-before every item, only the generators it has seen the dataset draw from. The others are watched: their state
-is read before and after each micro-batch (cheaply, see ``_Numpy``), and when one moved, it is put back, seeded
-from then on, and the micro-batch is read again. The draws are therefore those of seeding all three: an item
-only reads generators that were seeded for it. A dataset that never draws pays a few microseconds per
-micro-batch.
+before every item, only the generators it has seen the dataset draw from. The others are watched: a mark of
+each (its position, its first four words, its cached normals: a few bytes read from memory, see ``_Numpy``) is
+read before and after each micro-batch, and when one moved, the generator is put back, seeded from then on,
+and the micro-batch is read again. The draws are therefore those of seeding all three: an item only reads
+generators that were seeded for it. A dataset that never draws pays a few microseconds per micro-batch. A
+draw the mark misses would have to take exactly a multiple of 624 words and leave the first four as they were
+after the refill (a chance of 2**-128).
 
 ``seed`` is the run's seed (for the ``k``-th of several training sources, ``seed + 1_000_003 * k``, as for
 its order). The mixing is 64-bit (``_mix``); numpy's legacy generator takes the 32-bit fold
