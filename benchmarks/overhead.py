@@ -9,7 +9,8 @@ weight decay, gradient clipping at norm 1.0, fp32, CPU, one thread):
      be re-seeded each epoch to follow the data order contract), cycling over epochs;
   b  hand-written in-memory loop: ``X[idx], y[idx]`` for consecutive 64-slices ``idx`` of each epoch's
      ``torch.randperm(N, generator=torch.Generator().manual_seed(seed + epoch))`` (the data order contract);
-  c  cadence on a map-style ``Dataset`` (not a ``TensorDataset``): cadence's DataLoader path;
+  c  cadence on a map-style ``Dataset`` (not a ``TensorDataset``): cadence's map-style path, item by item
+     with its defaults (``item_seeding=True``, ``num_workers=0``: read and collated without a DataLoader);
   d  cadence on the tensors ``(X, y)``: cadence's in-memory fast path.
 
 What is timed: the training loop only. For the hand-written loops, the model copy, the optimizer and the
@@ -181,9 +182,9 @@ def check_paths(x: torch.Tensor, y: torch.Tensor) -> str:
     c_loader = as_in_memory(ItemDataset(x, y)) is None and is_map_style(ItemDataset(x, y))
     d_memory = as_in_memory((x, y)) is not None
     if not (c_loader and d_memory):
-        raise SystemExit(f"case (c) must take cadence's DataLoader path ({c_loader}) and (d) its in-memory "
+        raise SystemExit(f"case (c) must take cadence's map-style path ({c_loader}) and (d) its in-memory "
                          f"path ({d_memory}); fix the benchmark's datasets.")
-    return "(c) DataLoader path, (d) in-memory path"
+    return "(c) map-style Dataset path (item by item, item_seeding=True), (d) in-memory path"
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ca, da, db = med["c"] / med["a"], med["d"] / med["a"], med["d"] / med["b"]
     per_step = {k: (med[k] - med[base]) / steps * 1e6 for k, base in (("c", "a"), ("d", "b"))}
     print("ratios of medians (wall clock; CPU time of this thread in brackets):")
-    print(f"  (c)/(a) cadence DataLoader path / hand DataLoader loop: {ca:.3f}x [{cmed['c'] / cmed['a']:.3f}x]  "
+    print(f"  (c)/(a) cadence map-style Dataset / hand DataLoader loop: {ca:.3f}x [{cmed['c'] / cmed['a']:.3f}x]  "
           f"goal <= {GOAL_LOADER}: {verdict(ca <= GOAL_LOADER)}  ({per_step['c']:+.0f} us/step)")
     print(f"  (d)/(a) cadence in-memory / hand DataLoader loop:       {da:.3f}x [{cmed['d'] / cmed['a']:.3f}x]  "
           f"goal <  {GOAL_IN_MEMORY}: {verdict(da < GOAL_IN_MEMORY)}")

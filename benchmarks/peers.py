@@ -39,6 +39,12 @@ random tokens (2 layers, d_model 64, 4 heads, seq 64, vocab 256, batch 16: token
             validation: one (a batch-size weighted mean, ``.item()``ed once; Lightning reduces its ``self.log``
             values itself).
 
+and ``mlp-dataset`` (issue 22): the MLP's plain case from a map-style ``Dataset`` (``ItemDataset``: an item
+per ``__getitem__``, no ``__getitems__``), the path most users take. Every loop gets the same ``Dataset``
+object: cadence as ``train_data`` (its map-style path, with its default ``item_seeding=True``), the hand loop
+and the peers through a ``DataLoader`` with the contract's batch sampler and ``default_collate``; ``hand`` and
+``hand-dl`` are then the same hand-written ``DataLoader`` loop.
+
 What is timed: the training call only (``run()`` of the hand/Accelerate/Fabric loops, ``Trainer.fit()`` of
 cadence and Lightning), with the objects built before the clock starts (their build time, "setup", is shown
 apart). Each run is whole epochs, so no loop stops inside an epoch. The loops run round-robin inside one
@@ -99,6 +105,7 @@ NAMES = {"hand": "hand-written loop (in-memory)", "hand-dl": "hand-written loop 
          "lightning": "Lightning Trainer"}
 PEERS = ("accel", "fabric", "lightning")
 GOAL = 1.03  # cadence / hand on the per-step case must be at most this
+GOAL_DATASET = 1.05  # cadence / the hand-written DataLoader loop from a map-style Dataset (issue 22)
 
 # perf_counter() at every training forward call (a list append: the same cost in every loop). The time from the
 # first forward of optimizer step 1 to the first forward of the last step, over steps - 2, is the steady-state
@@ -163,6 +170,7 @@ class Case:
     micro: int  # micro-batches per run (a multiple of the epoch)
     grad_accum: int = 1
     val_log: bool = False
+    dataset: bool = False  # the training data as a map-style Dataset (ItemDataset), not tensors
 
     @property
     def steps(self) -> int:
@@ -181,6 +189,8 @@ class Case:
                 f"{self.epochs} epochs"]
         if self.grad_accum > 1:
             bits.append(f"grad_accum={self.grad_accum}")
+        if self.dataset:
+            bits.append("from a map-style Dataset")
         if self.val_log:
             bits.append(f"log every {LOG_EVERY}, validate every {self.val_every} steps ({self.model.n_val} items)")
         return ", ".join(bits)
@@ -193,6 +203,8 @@ def make_cases(steps: int, lm_steps: int) -> dict[str, Case]:
         cases[f"{model.name}-plain"] = Case(f"{model.name}-plain", model, micro)
         cases[f"{model.name}-accum4"] = Case(f"{model.name}-accum4", model, micro, grad_accum=4)
         cases[f"{model.name}-val+log"] = Case(f"{model.name}-val+log", model, micro, val_log=True)
+    mlp = cases["mlp-plain"]
+    cases["mlp-dataset"] = replace(mlp, key="mlp-dataset", dataset=True)
     return cases
 
 
@@ -201,8 +213,9 @@ class ContractBatches(Sampler):
     """A batch sampler yielding the contract's consecutive index slices; it counts epochs itself (the ``e``-th
     iteration that is actually drawn from is epoch ``e``), so no framework's ``set_epoch`` convention matters."""
 
-    def __init__(self, n: int, batch: int, shuffle: bool = True) -> None:
+    def __init__(self, n: int, batch: int, shuffle: bool = True, lists: bool = False) -> None:
         self.n, self.batch, self.shuffle, self.epoch = n, batch, shuffle, 0
+        self.lists = lists  # yield lists of ints (for __getitem__ item by item), not index tensors
 
     def __len__(self) -> int:
         return -(-self.n // self.batch)
@@ -211,7 +224,7 @@ class ContractBatches(Sampler):
         perm = epoch_perm(self.n, self.epoch) if self.shuffle else torch.arange(self.n)
         self.epoch += 1
         for i in range(0, self.n, self.batch):
-            yield perm[i:i + self.batch]
+            yield perm[i:i + self.batch].tolist() if self.lists else perm[i:i + self.batch]
 
 
 class TensorBatches(Dataset):
@@ -230,11 +243,28 @@ class TensorBatches(Dataset):
         return tuple(t[index] for t in self.tensors)
 
 
+class ItemDataset(Dataset):
+    """A plain map-style dataset: an item per ``__getitem__`` (the same body as ``TensorDataset``'s), so every
+    loop reads and collates item by item."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
 def as_is(batch: Any) -> Any:
     return batch
 
 
-def loader(data: tuple[torch.Tensor, torch.Tensor], batch: int, shuffle: bool) -> DataLoader:
+def loader(data: tuple[torch.Tensor, torch.Tensor] | ItemDataset, batch: int, shuffle: bool) -> DataLoader:
+    """The peers' DataLoader: tensors batched by indexing, or a map-style dataset item by item."""
+    if isinstance(data, ItemDataset):
+        return DataLoader(data, batch_sampler=ContractBatches(len(data), batch, shuffle, lists=True))
     return DataLoader(TensorBatches(*data), batch_sampler=ContractBatches(len(data[0]), batch, shuffle),
                       collate_fn=as_is)
 
@@ -277,6 +307,7 @@ def build_hand(case: Case, model: nn.Module, train: Data, val: Data, use_loader:
     params = list(model.parameters())
     b, ga = case.model.batch, case.grad_accum
     records: list = []
+    use_loader = use_loader or case.dataset  # a Dataset is read through a DataLoader, by hand too
     train_dl = loader(train, b, shuffle=True) if use_loader else None
     val_dl = loader(val, b, shuffle=False) if use_loader else None
 
@@ -548,6 +579,8 @@ def train_once(loop: str, case: Case, init: nn.Module, train: Data, val: Data) -
 def bench_case(case: Case, loops: list[str], repeats: int, warmup: bool = True) -> dict[str, list[Result]]:
     init = case.model.build()
     train, val = case.model.data()
+    if case.dataset:
+        train = ItemDataset(*train)  # one object for every loop
     warm = replace(case, micro=case.model.epoch)
     for loop in loops if warmup else ():  # untimed warm-up: lazy imports, allocator, caches
         train_once(loop, warm, init, train, val)
@@ -747,16 +780,19 @@ def bench_imports(repeats: int, names: list[str] | None = None) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ main
 def versions() -> list[str]:
-    import accelerate
-    import lightning
-
     import cadence
+
+    def version(name: str) -> str:  # a peer not installed can still be left out with --loops
+        try:
+            return __import__(name).__version__
+        except ImportError:
+            return "not installed"
 
     return [f"date: {datetime.date.today().isoformat()}",
             f"machine: {cpu_name()}, os.cpu_count()={os.cpu_count()}, no GPU used; torch threads=1; "
             f"load average at start {os.getloadavg()[0]:.1f}",
-            f"python {platform.python_version()}, torch {torch.__version__}, accelerate {accelerate.__version__}, "
-            f"lightning {lightning.__version__}, cadence {getattr(cadence, '__version__', '0.1.0')}"]
+            f"python {platform.python_version()}, torch {torch.__version__}, accelerate {version('accelerate')}, "
+            f"lightning {version('lightning')}, cadence {getattr(cadence, '__version__', '0.1.0')}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -771,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                     "steps, an LM epoch of 4 micro-batches, 1 repeat, no warm-up, memory of the hand loop and cadence "
                     "on the MLP, one round of the torch and cadence imports")
     ap.add_argument("--cases", default="all", help="comma-separated case keys (mlp-plain, mlp-accum4, mlp-val+log, "
-                    "lm-plain, lm-accum4, lm-val+log)")
+                    "mlp-dataset, lm-plain, lm-accum4, lm-val+log)")
     ap.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated loops ({', '.join(LOOPS)}); "
                     "hand is always run")
     ap.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per loop and model (default 3)")
@@ -825,15 +861,17 @@ def main(argv: list[str] | None = None) -> int:
         out["cases"][key] = report_case(case, results)
         print(flush=True)
 
-    plain = out["cases"].get("mlp-plain", {}).get("summary")
-    if plain and "cadence" in plain:
+    for key, goal in (("mlp-plain", GOAL), ("mlp-dataset", GOAL_DATASET)):
+        plain = out["cases"].get(key, {}).get("summary")
+        if not plain or "cadence" not in plain:
+            continue
         c = plain["cadence"]
         peers = [k for k in PEERS if k in plain]
         for label, field in (("wall", "ratio"), ("CPU time", "cpu_ratio"), ("paired", "paired_ratio"),
                              ("fastest runs", "best_ratio"), ("steady state", "steady_ratio")):
             below = all(c[field] < plain[k][field] for k in peers)
-            print(f"per-step overhead (mlp-plain, {label}): cadence/hand = {c[field]:.3f}x; goal <= {GOAL}: "
-                  f"{'met' if c[field] <= GOAL else 'NOT met'}; below every peer: {'yes' if below else 'NO'} ("
+            print(f"per-step overhead ({key}, {label}): cadence/hand = {c[field]:.3f}x; goal <= {goal}: "
+                  f"{'met' if c[field] <= goal else 'NOT met'}; below every peer: {'yes' if below else 'NO'} ("
                   + ", ".join(f"{NAMES[k]} {plain[k][field]:.3f}x" for k in peers) + ")")
     print(f"timing cases took {time.perf_counter() - start:.0f} s\n", flush=True)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from collections import namedtuple
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from cadence.data import loading
 from cadence.data.order import DataOrder
@@ -291,3 +292,19 @@ def test_dataset_smaller_than_a_batch_makes_one_partial_step_per_epoch():
     t.fit()
     assert t.step == 2
     assert as_lists(model.seen) == [epoch_perm(5, 3, 0).tolist(), epoch_perm(5, 3, 1).tolist()]
+
+
+def test_stack_items_collates_as_default_collate():
+    """The main process's collation of tensors and tuples of tensors gives what default_collate gives; other
+    items (dicts, numbers, named tuples, tuples of unequal length) go to default_collate itself."""
+    x = torch.randn(5, 3)
+    Pair = namedtuple("Pair", "x y")
+    for items in ([x[i] for i in range(5)], [(x[i], torch.tensor(i)) for i in range(5)],
+                  [{"x": x[i], "y": i} for i in range(5)], [(x[i], i) for i in range(5)],
+                  [Pair(x[i], torch.tensor(i)) for i in range(5)], [(x[i], x[i].long()) for i in range(5)]):
+        got, want = loading.stack_items(items), default_collate(items)
+        assert type(got) is type(want)
+        flat = (lambda b: list(b.values()) if isinstance(b, dict) else b if isinstance(b, (list, tuple)) else [b])
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(flat(got), flat(want)))
+    with pytest.raises(RuntimeError, match="equal size"):
+        loading.stack_items([(x[0], x[0]), (x[1],)])

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from cadence.data.seeding import item_seed, seed_generators
+from cadence import Callback
+from cadence.data import seeding
+from cadence.data.seeding import SeededItems, item_seed, item_seeds, seed_generators
 from helpers import IN, MLP, CrashAt, assert_weights_equal, make_data, trainer
 
 N = 40
@@ -145,3 +147,174 @@ def test_without_item_seeding_the_dataset_draws_from_the_global_stream():
     trainer(model, data, batch_size=4, max_steps=1, seed=7, shuffle=False, item_seeding=False).fit()
     seed_generators(item_seed(7, 0, 0))
     assert not torch.equal(seen.seen[0][0], data[0][0])
+
+
+# ------------------------------------------------------------------------------------------------ lazy seeding
+def test_item_seeds_of_a_micro_batch_are_the_item_seeds():
+    indices = [0, 1, 5, 17, 2**31 + 3, 2**40 + 11]
+    for seed, epoch in [(0, 0), (7, 3), (2**40 + 5, 1)]:
+        assert item_seeds(seed, epoch, indices) == [item_seed(seed, epoch, i) for i in indices]
+
+
+DRAWS = {  # a draw, and one that takes a cached normal only
+    "random": (random.random, random.gauss),
+    "numpy": (np.random.rand, np.random.randn),
+    "torch": (lambda: torch.rand(1), lambda: torch.randn(1)),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAWS))
+def test_a_watched_generator_sees_every_draw_and_is_put_back_exactly(name):
+    """Its mark and its state change with a plain draw, with a normal taken from the cache, and after a whole
+    refill (624 words later the position is the same again); putting the state back gives the same draws."""
+    gen = dict(zip(DRAWS, seeding._generators()))[name]
+    draw, normal = DRAWS[name]
+
+    def read() -> tuple:
+        return gen.mark(), gen.state()
+
+    seed_generators(1)
+    before = read()
+    assert read() == before  # reading draws nothing
+    draw()
+    after = read()
+    assert after[0] != before[0] and after[1] != before[1]
+    normal()  # two normals made, one cached
+    cached = read()
+    normal()  # the cached one: no word drawn
+    assert all(a != b for a, b in zip(read(), cached))
+    seed_generators(2)
+    start = read()
+    if name == "random":
+        random.getrandbits(32 * 624)
+    elif name == "numpy":
+        np.random.randint(0, 2**32, size=624, dtype=np.uint64)
+    else:
+        torch.randint(0, 2**31, (624,))
+    assert all(a != b for a, b in zip(read(), start))
+    gen.put_back(before[1])
+    assert read() == before
+    first = [float(draw()) for _ in range(3)]
+    gen.put_back(before[1])
+    assert [float(draw()) for _ in range(3)] == first
+
+
+class Draws(Dataset):
+    """Item ``i`` adds noise from ``random`` (``i % 4 == 0``), numpy (``1``), torch (``2``) or nothing (``3``); with
+    ``start_epoch``, only once ``epoch`` (set by the callback below) reaches it."""
+
+    def __init__(self, n: int = N, start_epoch: int = 0) -> None:
+        self.x, self.y = make_data(n, seed=3)
+        self.start_epoch, self.epoch = start_epoch, 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.epoch < self.start_epoch:
+            return self.x[i], self.y[i]
+        kind = i % 4
+        noise = random.random() if kind == 0 else float(np.random.rand()) if kind == 1 else 0.0
+        return self.x[i] + noise + (torch.rand(IN) if kind == 2 else 0.0), self.y[i]
+
+
+class EpochToData(Callback):
+    """Tells the dataset the epoch about to start (the number of epochs started before it)."""
+
+    def __init__(self, data: Draws) -> None:
+        self.data, self.data.epoch = data, -1
+
+    def on_epoch_start(self, trainer) -> None:
+        self.data.epoch += 1
+
+
+def expected(data: Draws, seed: int, epoch: int, index: int) -> torch.Tensor:
+    data.epoch = epoch
+    seed_generators(item_seed(seed, epoch, index))
+    return data[index][0]
+
+
+@pytest.mark.parametrize("start_epoch", [0, 1], ids=["from-the-start", "from-epoch-1"])
+def test_items_that_draw_from_different_generators_or_start_late_follow_the_formula(start_epoch):
+    """Each item draws what it would after seeding all three generators, whichever generator it draws from and
+    whenever it starts; the dropout masks of the model are those of a run whose dataset draws nothing."""
+    runs = []
+    for data in (Draws(start_epoch=start_epoch), Plain()):
+        model = DropoutMLP()
+        seen = Batches(model)
+        masks: list[torch.Tensor] = []
+        model.drop.register_forward_hook(lambda m, args, out, masks=masks: masks.append((out == 0).clone()))
+        callbacks = [EpochToData(data)] if isinstance(data, Draws) else []
+        trainer(model, data, batch_size=4, max_steps=25, seed=5, callbacks=callbacks).fit()  # 10 steps an epoch
+        runs.append((seen.seen, masks))
+    (seen, masks), (_, plain_masks) = runs
+    assert all(torch.equal(a, b) for a, b in zip(masks, plain_masks)) and len(masks) == 25
+    data = Draws(start_epoch=start_epoch)
+    for step in range(25):
+        epoch, k = divmod(step, 10)
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(5 + epoch))[4 * k:4 * k + 4].tolist()
+        assert torch.equal(seen[step], torch.stack([expected(data, 5, epoch, i) for i in perm])), step
+
+
+def test_items_that_draw_from_different_generators_are_the_same_with_workers_and_resume(tmp_path):
+    def fit(run_dir, **kw):
+        model = MLP(seed=0)
+        seen = Batches(model)
+        trainer(model, Draws(), batch_size=4, max_steps=MAX_STEPS, run_dir=run_dir, checkpoint_every=2, **kw).fit()
+        return model, seen.seen
+
+    whole, seen = fit(tmp_path / "a")
+    workers, seen_workers = fit(tmp_path / "b", num_workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(seen, seen_workers)) and len(seen_workers) == MAX_STEPS
+    assert_weights_equal(whole, workers)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "c", callbacks=[CrashAt(5)])
+    resumed, seen_resumed = fit(tmp_path / "c", resume="auto")
+    assert all(torch.equal(a, b) for a, b in zip(seen_resumed, seen[4:])) and len(seen_resumed) == MAX_STEPS - 4
+    assert_weights_equal(resumed, whole)
+
+
+@pytest.mark.parametrize("name", list(DRAWS))
+def test_a_normal_taken_from_the_cache_is_seen(name):
+    """A micro-batch whose only draw is one cached normal (left by the model's draws) still gets the item's
+    seeded normal, and the model's cached normal is there again afterwards."""
+    normal = DRAWS[name][1]
+
+    class OneNormal(Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> float:
+            return float(normal()) if i == 3 else 0.0
+
+    items = SeededItems(OneNormal(), seed=0, per_item=True)
+    seed_generators(9)
+    normal()  # two made, one left in the cache
+    model_next = float(normal())
+    seed_generators(9)
+    normal()
+    got = items.__getitems__((0, 0, [2, 3]))
+    assert float(normal()) == model_next
+    seed_generators(item_seed(0, 0, 3))
+    assert got == [0.0, float(normal())]
+
+
+class OwnGenerator(Plain):
+    """Draws from a torch.Generator of its own, which cadence neither seeds nor touches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(11)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + torch.rand(IN, generator=self.gen), self.y[i]
+
+
+def test_a_datasets_own_generator_goes_on_from_item_to_item_and_is_read_once():
+    data = OwnGenerator()
+    model = MLP(seed=0)
+    seen = Batches(model)
+    trainer(model, data, batch_size=4, max_steps=3, seed=2).fit()
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(2))[:12].tolist()
+    replay = OwnGenerator()
+    assert torch.equal(torch.cat(seen.seen), torch.stack([replay[i][0] for i in order]))
