@@ -256,6 +256,21 @@ def test_items_that_draw_from_different_generators_or_start_late_follow_the_form
         assert torch.equal(seen[step], torch.stack([expected(data, 5, epoch, i) for i in perm])), step
 
 
+@pytest.fixture
+def official_state_calls(monkeypatch):
+    """The generators watched through their official state calls (``getstate``/``get_state``), as on a Python,
+    numpy or torch whose memory layout is not the one checked for."""
+    from cadence.data import seeding
+
+    python, numpy, torch_ = (object.__new__(c) for c in (seeding._Python, seeding._Numpy, seeding._Torch))
+    python.words, numpy.cache, torch_.region = None, None, None
+    monkeypatch.setattr(seeding, "_GENERATORS", (python, numpy, torch_))
+
+
+def test_without_the_memory_layout_the_official_state_calls_give_the_same_items(official_state_calls):
+    test_items_that_draw_from_different_generators_or_start_late_follow_the_formula(1)
+
+
 def test_items_that_draw_from_different_generators_are_the_same_with_workers_and_resume(tmp_path):
     def fit(run_dir, **kw):
         model = MLP(seed=0)
