@@ -3,9 +3,11 @@ checkpoint, `cadence fit --resume RUN`, compare the final weights with an uninte
 
     .venv/bin/python benchmarks/kill_stress.py --kills 100 [--steps 240] [--every 7] [--out /tmp/kill-stress]
 
-Each kill's moment is drawn uniformly over the rest of the run (as long as the uninterrupted run took from its
-first checkpoint to its end). A run folder as the kill left it is kept beside every resume that differs, with
-what was on disk then, so the phase can be read off it. Prints one line per kill and a summary.
+Each kill's moment is drawn over the training after the first checkpoint, whatever the machine's load: after a
+checkpoint drawn at random, at a random fraction of the time the previous interval between checkpoints took
+(the last interval holds the end of the run: the last steps and validation, the last checkpoint, final/). A run
+folder as the kill left it is kept beside every resume that differs, with what was on disk then, so the phase
+can be read off it. Prints one line per kill and a summary.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def command(run: Path, steps: int, every: int) -> list[str]:
             str(every), "--trainer.progress", "false", "--run-dir", str(run)]
 
 
-def first_checkpoint(run: Path, proc: subprocess.Popen) -> float:
-    while not (run / "checkpoints").is_dir() or not any(p.name.startswith("step-")
-                                                          for p in (run / "checkpoints").iterdir()):
+def appeared(run: Path, step: int, proc: subprocess.Popen) -> float:
+    """The moment the checkpoint of ``step`` is there (polled every millisecond)."""
+    folder = run / "checkpoints" / f"step-{step:09d}"
+    while not folder.is_dir():
         if proc.poll() is not None:
-            raise SystemExit(f"the run ended before its first checkpoint: {proc.returncode}")
-        time.sleep(0.005)
+            raise SystemExit(f"the run ended before its checkpoint {step}: {proc.returncode}")
+        time.sleep(0.001)
     return time.monotonic()
 
 
@@ -64,21 +67,24 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     reference = args.out / "reference"
-    proc = subprocess.Popen(command(reference, args.steps, args.every), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    first = first_checkpoint(reference, proc)
-    assert proc.wait() == 0
-    span = time.monotonic() - first
+    subprocess.run(command(reference, args.steps, args.every), env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
     want = load_file(reference / "final" / "model.safetensors")
-    print(f"reference: {span:.2f} s from the first checkpoint to the end", flush=True)
+    checkpoints = list(range(args.every, args.steps, args.every))
 
     differ = 0
     for i in range(args.kills):
         run = args.out / f"run-{i:03d}"
         proc = subprocess.Popen(command(run, args.steps, args.every), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        delay = rng.uniform(0, span)
-        time.sleep(max(0.0, first_checkpoint(run, proc) + delay - time.monotonic()))
+        # a moment uniform over the training after the first checkpoint, whatever the machine's load: a random
+        # interval between two checkpoints, at a random fraction of the time the interval before it took
+        k, fraction = rng.randrange(len(checkpoints)), rng.random()
+        earlier = appeared(run, checkpoints[k - 1], proc) if k else None
+        at = appeared(run, checkpoints[k], proc)
+        interval = at - earlier if earlier is not None else 0.01
+        time.sleep(fraction * interval)
+        delay = time.monotonic() - at
         proc.send_signal(signal.SIGKILL)
         code = proc.wait()
         state = on_disk(run)
@@ -89,8 +95,8 @@ def main() -> None:
         got = load_file(run / "final" / "model.safetensors") if resumed.returncode == 0 else {}
         same = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         differ += not same
-        print(f"kill {i:3d} at +{delay:.3f} s (exit {code}): {state}; resume exit {resumed.returncode}: "
-              f"{'bitwise' if same else 'DIFFERENT'}", flush=True)
+        print(f"kill {i:3d} {delay * 1000:.1f} ms after step {checkpoints[k]} (exit {code}): {state}; "
+              f"resume exit {resumed.returncode}: {'bitwise' if same else 'DIFFERENT'}", flush=True)
         if not same:
             (args.out / f"run-{i:03d}.resume.txt").write_text(resumed.stdout + resumed.stderr)
         else:
