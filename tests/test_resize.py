@@ -1,0 +1,183 @@
+"""Resuming at another number of processes (CPU, gloo): the global batch is kept by adapting grad_accum, every item
+of the epoch is trained exactly once across the change, and the final weights match the uninterrupted run at the
+new world size; a resume that cannot keep the global batch stops before it writes anything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cadence.checkpoint import resize
+from cadence.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "resize_worker.py"
+TIMEOUT = 240
+
+
+def launch(out: Path, run: Path, *args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    """The worker alone (``nproc=0``: a single process, no torchrun) or under torchrun with ``nproc`` processes."""
+    from test_distributed import TORCHRUN, free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
+           str(free_port())] if nproc else [sys.executable]
+    proc = subprocess.run([*cmd, str(WORKER), str(out), str(run), *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def weights(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return load_file(out / f"weights-rank{rank}.safetensors")
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+def trained_items(*outs: Path) -> Counter:
+    """How often each item went through a training forward, over every rank of the given runs."""
+    counts: Counter = Counter()
+    for out in outs:
+        for log in out.glob("items-rank*.txt"):
+            counts.update(int(i) for line in log.read_text().split("\n") for i in line.split())
+    return counts
+
+
+def folder_state(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The uninterrupted run at one process: grad_accum 2, a global batch of 8 (one epoch of 64 items)."""
+    out = tmp_path_factory.mktemp("one")
+    launch(out, out / "run", "--grad-accum", "2")
+    assert trained_items(out) == Counter(range(64))
+    return weights(out)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The uninterrupted run at two processes (DDP): grad_accum 1, the same global batch of 8."""
+    out = tmp_path_factory.mktemp("two")
+    launch(out, out / "run", nproc=2)
+    assert_close(weights(out, 1), weights(out, 0))
+    return weights(out)
+
+
+def test_ddp_two_processes_resume_at_one_adapting_grad_accum(tmp_path: Path, one: dict) -> None:
+    run = tmp_path / "run"
+    launch(tmp_path / "before", run, "--steps", "3", nproc=2)
+    proc = launch(tmp_path / "after", run, "--resume")  # grad_accum 1 as at two processes: cadence adapts it
+    assert "resume at 1 process from a checkpoint of 2: grad_accum 1 -> 2 keeps the global batch of 8" in proc.stderr
+    assert "grad_accum=2" in proc.stdout
+    assert trained_items(tmp_path / "before", tmp_path / "after") == Counter(range(64))  # each item once
+    assert_close(weights(tmp_path / "after"), one)
+
+
+def test_ddp_one_process_resumes_at_two_and_a_resume_that_cannot_keep_the_batch_writes_nothing(
+        tmp_path: Path, two: dict) -> None:
+    run = tmp_path / "run"
+    launch(tmp_path / "before", run, "--grad-accum", "2", "--steps", "3")
+    before = folder_state(run)
+    from test_distributed import TORCHRUN, free_port
+
+    failed = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), str(WORKER),
+                             str(tmp_path / "refused"), str(run), "--resume", "--batch-size", "3"],
+                            capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert failed.returncode != 0
+    assert "global batch would change from 8 (batch_size 4 x grad_accum 2 x 1 process) to 6" in failed.stderr
+    assert "batch_size=4 with grad_accum=1" in failed.stderr and "new_global_batch=True" in failed.stderr
+    assert folder_state(run) == before
+    proc = launch(tmp_path / "after", run, "--resume", "--grad-accum", "2", nproc=2)
+    assert "grad_accum 2 -> 1 keeps the global batch of 8 (batch_size 4 x grad_accum 1 x 2 processes)" in proc.stderr
+    assert trained_items(tmp_path / "before", tmp_path / "after") == Counter(range(64))
+    assert_close(weights(tmp_path / "after", 0), two)
+    assert_close(weights(tmp_path / "after", 1), two)
+
+
+def test_fsdp_two_processes_resume_at_one_and_in_a_single_process(tmp_path: Path, one: dict) -> None:
+    run = tmp_path / "run"
+    launch(tmp_path / "before", run, "--strategy", "fsdp", "--steps", "3", nproc=2)
+    shutil.copytree(run, tmp_path / "copy")
+    launch(tmp_path / "fsdp", run, "--strategy", "fsdp", "--resume", nproc=1)
+    assert trained_items(tmp_path / "before", tmp_path / "fsdp") == Counter(range(64))
+    assert_close(weights(tmp_path / "fsdp"), one)
+    launch(tmp_path / "single", tmp_path / "copy", "--resume")
+    assert trained_items(tmp_path / "before", tmp_path / "single") == Counter(range(64))
+    assert_close(weights(tmp_path / "single"), one)
+
+
+def test_fsdp_one_process_resumes_at_two_and_a_single_process_checkpoint_under_fsdp(tmp_path: Path,
+                                                                                    two: dict) -> None:
+    run = tmp_path / "run"
+    launch(tmp_path / "before", run, "--strategy", "fsdp", "--grad-accum", "2", "--steps", "3", nproc=1)
+    launch(tmp_path / "after", run, "--strategy", "fsdp", "--grad-accum", "2", "--resume", nproc=2)
+    assert trained_items(tmp_path / "before", tmp_path / "after") == Counter(range(64))
+    assert_close(weights(tmp_path / "after", 0), two)
+    single = tmp_path / "single-run"
+    launch(tmp_path / "single-before", single, "--grad-accum", "2", "--steps", "5")
+    launch(tmp_path / "single-after", single, "--strategy", "fsdp", "--resume", nproc=2)
+    assert trained_items(tmp_path / "single-before", tmp_path / "single-after") == Counter(range(64))
+    assert_close(weights(tmp_path / "single-after", 1), two)
+
+
+# ------------------------------------------------------------------------------------------------ the plan alone
+def trainer(batch_size: int, grad_accum: int, world_size: int, new_global_batch: bool = False) -> SimpleNamespace:
+    stream = SimpleNamespace(streams={None: SimpleNamespace(order=object())})
+    return SimpleNamespace(batch_size=batch_size, grad_accum=grad_accum, world_size=world_size, data_length=64,
+                           seed=0, new_global_batch=new_global_batch, stream=stream)
+
+
+META = {"batch_size": 4, "grad_accum": 1, "world_size": 4, "data_length": 64, "seed": 0}
+
+
+def test_the_plan_adapts_grad_accum_or_accepts_an_explicit_split_that_keeps_the_global_batch() -> None:
+    plan = resize.plan(trainer(4, 1, 2), Path("ck"), META)
+    assert plan.now == resize.Split(4, 2, 2) and not plan.restart
+    assert plan.message == ("resume at 2 processes from a checkpoint of 4: grad_accum 1 -> 2 keeps the global batch "
+                            "of 16 (batch_size 4 x grad_accum 2 x 2 processes)")
+    assert resize.plan(trainer(8, 1, 2), Path("ck"), META).now == resize.Split(8, 1, 2)  # kept by the user
+    assert resize.plan(trainer(4, 1, 4), Path("ck"), META).message is None
+
+
+def test_the_plan_names_settings_that_keep_the_global_batch_or_the_option_that_changes_it() -> None:
+    with pytest.raises(ConfigError, match=r"do not split evenly among 3 processes: resume at 1, 2, 4, 8, 16"):
+        resize.plan(trainer(4, 1, 3), Path("ck"), META)
+    with pytest.raises(ConfigError, match=r"grad_accum 1 -> 3.*At 4 processes it is kept by batch_size=4 with "
+                                          r"grad_accum=1"):
+        resize.plan(trainer(4, 3, 4), Path("ck"), META)
+    with pytest.raises(ConfigError, match=r"seed 0 -> 1"):
+        resize.plan(SimpleNamespace(**{**vars(trainer(4, 1, 4)), "seed": 1}), Path("ck"), META)
+    plan = resize.plan(trainer(4, 3, 4, new_global_batch=True), Path("ck"), META)
+    assert plan.restart and plan.now.global_batch == 48 and "starts over" in plan.message
+
+
+def test_a_stream_read_as_is_cannot_be_split_among_another_number_of_processes() -> None:
+    t = trainer(4, 1, 2)
+    t.stream = SimpleNamespace(streams={None: SimpleNamespace(order=None)})
+    with pytest.raises(ConfigError, match=r"train_data is an iterable or DataLoader read as is.*Resume with the "
+                                          r"checkpoint's world size and grad_accum \(4, 1\)"):
+        resize.plan(t, Path("ck"), META)
+
+
+def test_new_global_batch_starts_the_position_over_at_an_epoch_beginning() -> None:
+    assert resize.restart_position({"epoch": 2, "position": 3, "end_of_epoch": 0, "draws": 5}) == \
+        {"epoch": 3, "position": 0, "end_of_epoch": 0, "draws": 5}
+    assert resize.restart_position({"epoch": 2, "position": 0, "end_of_epoch": 0})["epoch"] == 2
+    assert resize.restart_position({"sources": {"a": {"epoch": 0, "position": 8, "end_of_epoch": 1}}}) == \
+        {"sources": {"a": {"epoch": 1, "position": 0, "end_of_epoch": 0}}}
