@@ -5,7 +5,6 @@ new world size; a resume that cannot keep the global batch stops before it write
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -110,30 +109,42 @@ def test_ddp_one_process_resumes_at_two_and_a_resume_that_cannot_keep_the_batch_
     assert_close(weights(tmp_path / "after", 1), two)
 
 
-def test_fsdp_two_processes_resume_at_one_and_in_a_single_process(tmp_path: Path, one: dict) -> None:
+def test_fsdp_two_processes_resume_in_a_single_process(tmp_path: Path, one: dict) -> None:
     run = tmp_path / "run"
     launch(tmp_path / "before", run, "--strategy", "fsdp", "--steps", "3", nproc=2)
-    shutil.copytree(run, tmp_path / "copy")
-    launch(tmp_path / "fsdp", run, "--strategy", "fsdp", "--resume", nproc=1)
-    assert trained_items(tmp_path / "before", tmp_path / "fsdp") == Counter(range(64))
-    assert_close(weights(tmp_path / "fsdp"), one)
-    launch(tmp_path / "single", tmp_path / "copy", "--resume")
-    assert trained_items(tmp_path / "before", tmp_path / "single") == Counter(range(64))
-    assert_close(weights(tmp_path / "single"), one)
-
-
-def test_fsdp_one_process_resumes_at_two_and_a_single_process_checkpoint_under_fsdp(tmp_path: Path,
-                                                                                    two: dict) -> None:
-    run = tmp_path / "run"
-    launch(tmp_path / "before", run, "--strategy", "fsdp", "--grad-accum", "2", "--steps", "3", nproc=1)
-    launch(tmp_path / "after", run, "--strategy", "fsdp", "--grad-accum", "2", "--resume", nproc=2)
+    launch(tmp_path / "after", run, "--resume")  # whole tensors joined from the two ranks' shards
     assert trained_items(tmp_path / "before", tmp_path / "after") == Counter(range(64))
-    assert_close(weights(tmp_path / "after", 0), two)
-    single = tmp_path / "single-run"
-    launch(tmp_path / "single-before", single, "--grad-accum", "2", "--steps", "5")
-    launch(tmp_path / "single-after", single, "--strategy", "fsdp", "--resume", nproc=2)
-    assert trained_items(tmp_path / "single-before", tmp_path / "single-after") == Counter(range(64))
-    assert_close(weights(tmp_path / "single-after", 1), two)
+    assert_close(weights(tmp_path / "after"), one)
+
+
+def test_a_single_process_resumes_under_fsdp_at_two_then_fsdp_reshards_from_two_to_four(tmp_path: Path,
+                                                                                      two: dict) -> None:
+    run = tmp_path / "run"
+    launch(tmp_path / "before", run, "--grad-accum", "2", "--steps", "3")
+    launch(tmp_path / "middle", run, "--strategy", "fsdp", "--grad-accum", "2", "--steps", "5", "--resume", nproc=2)
+    # four ranks, each a quarter of every tensor (a 3-row bias: 1, 1, 1 and 0 rows) read from two ranks' shards
+    launch(tmp_path / "after", run, "--strategy", "fsdp", "--batch-size", "2", "--resume", nproc=4)
+    assert trained_items(tmp_path / "before", tmp_path / "middle", tmp_path / "after") == Counter(range(64))
+    for rank in range(4):
+        assert_close(weights(tmp_path / "after", rank), two)
+
+
+def test_a_rank_reads_only_the_rows_it_holds_from_the_shards_that_hold_them(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from cadence.distributed import reshard
+
+    whole = torch.arange(30.0).reshape(10, 3)
+    for r, (a, z) in enumerate(reshard.rows_of(10, 3, r) for r in range(3)):  # 4, 4 and 2 rows
+        save_file({"w": whole[a:z].clone(), "s": torch.tensor(1.0)}, str(tmp_path / f"model-rank{r:05d}.safetensors"))
+    (tmp_path / "model-shards.json").write_text('{"world_size": 3, "sharded": {"w": {"dim": 0, "shape": [10, 3]}}}')
+    saved = reshard.Saved(tmp_path, "model", reshard.model_split(tmp_path))
+    assert saved.shape("w") == [10, 3] and torch.equal(saved.whole("w"), whole)
+    for rank in range(4):  # 3, 3, 3 and 1 rows: across the first two files, then within them
+        a, z = reshard.rows_of(10, 4, rank)
+        assert torch.equal(saved.rows("w", 0, a, z), whole[a:z])
+    assert saved.rows("w", 0, 10, 10).shape == (0, 3) and torch.equal(saved.whole("s"), torch.tensor(1.0))
+    assert reshard.rows_of(3, 4, 3) == (3, 3)
 
 
 # ------------------------------------------------------------------------------------------------ the plan alone

@@ -65,10 +65,10 @@ def plan(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> Plan:
     where = f"resume={str(folder)!r}"
     now = Split(trainer.batch_size, trainer.grad_accum, trainer.world_size)
     fixed = {"data_length": trainer.data_length, "seed": trainer.seed}
-    changed = [f"{k} {meta[k]} -> {v}" for k, v in fixed.items() if k in meta and meta[k] != v]
-    if changed:
+    changed = [f"{k} {meta[k]} -> {v}" for k, v in {**fixed, **vars(now)}.items() if k in meta and meta[k] != v]
+    if any(k in meta and meta[k] != v for k, v in fixed.items()):
         raise ConfigError(f"{where}: the run changed since this checkpoint ({'; '.join(changed)}); an exact resume "
-                          "needs the same data and seed. Put them back, or start a new run.")
+                          "needs the same data and seed (and global batch). Put them back, or start a new run.")
     if not all(isinstance(meta.get(k), int) for k in ("batch_size", "grad_accum", "world_size")):
         return Plan(now, now)  # a checkpoint that did not record them (none of cadence's)
     saved = Split(meta["batch_size"], meta["grad_accum"], meta["world_size"])
@@ -84,14 +84,12 @@ def plan(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> Plan:
         adapted = Split(now.batch_size, per_rank, now.world_size)
         return _checked_streams(trainer, where, Plan(saved, adapted, message=(
             f"resume at {moved}: grad_accum {now.grad_accum} -> {per_rank} keeps the global batch of {adapted}")))
-    changes = [f"{k} {getattr(saved, k)} -> {getattr(now, k)}" for k in ("batch_size", "grad_accum", "world_size")
-               if getattr(saved, k) != getattr(now, k)]
     if trainer.new_global_batch:
         return _checked_streams(trainer, where, Plan(saved, now, restart=True, message=(
             f"resume with new_global_batch=True: the global batch {saved.global_batch} -> {now}; the data "
             "position starts over at the beginning of an epoch")))
     raise ConfigError(
-        f"{where}: the run changed since this checkpoint ({'; '.join(changed + changes)}), so the global batch "
+        f"{where}: the run changed since this checkpoint ({'; '.join(changed)}), so the global batch "
         f"would change from {saved} to {now}; an exact resume keeps it, since step i takes the items "
         f"[i*G, (i+1)*G) of the epoch's order. {keeping(saved.global_batch, now)} Or pass new_global_batch=True "
         "(--trainer.new_global_batch true) to train on with the new global batch, starting the data position over "

@@ -111,16 +111,12 @@ def restore(trainer: Trainer, folder: Path) -> None:
 
 
 def check_fits(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> resize.Plan:
-    """Refuse a checkpoint of a newer format, of other data arguments (but another world size with the same
-    global batch) or whose weights this strategy cannot read; what the resume changes."""
+    """Refuse a checkpoint of a newer format or of other data arguments (but another world size with the same
+    global batch); what the resume changes. (Any strategy reads the weights any other wrote.)"""
     if meta.get("format", FORMAT) > FORMAT:
         raise ConfigError(f"resume={str(folder)!r}: written by cadence {meta.get('cadence_version')} in checkpoint "
                           f"format {meta['format']}, newer than this cadence {__version__} reads; upgrade cadence.")
-    change = resize.plan(trainer, folder, meta)
-    if not trainer.strategy.resumes(meta.get("strategy")):
-        raise ConfigError(f"resume={str(folder)!r}: saved with strategy {meta.get('strategy')!r}, resumed with "
-                          f"{trainer.strategy.name!r}; use the same strategy.")
-    return change
+    return resize.plan(trainer, folder, meta)
 
 
 def read_state(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
