@@ -3,9 +3,10 @@
 A checkpoint holds each tensor whole (``model.safetensors``, ``optimizer.safetensors``: a single process or DDP)
 or in pieces along one dimension, one file per rank (FSDP: ``model-rankNNNNN.safetensors``, laid out in
 ``model-shards.json``, and ``optimizer-rankNNNNN.safetensors``, whose tensors are split like their parameters).
-:class:`Saved` opens them with safetensors' ``safe_open`` and reads any range of a tensor from the pieces that
-hold it (``get_slice`` reads only those bytes), so an FSDP rank at another world size reads its own slice of each
-tensor and never the whole model; a single process or DDP reads whole tensors, joined from the shards.
+:class:`Saved` reads any range of rows of a tensor from the pieces that hold it, and only those bytes (plain reads
+at the offsets of the safetensors header: :class:`~cadence.checkpoint.tensorfile.Rows`), so an FSDP rank at another
+world size reads its own slice of each tensor and never the whole model; a single process or DDP reads whole
+tensors, joined from the shards.
 
 FSDP2 splits a tensor of ``n`` rows among ``W`` ranks as ``torch.chunk`` does: rank ``r`` holds rows
 ``[min(r * c, n), min((r + 1) * c, n))`` with ``c = ceil(n / W)`` (:func:`rows_of`).
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from ..checkpoint.format import read_json
+from ..checkpoint.format import CheckpointError, read_json
+from ..checkpoint.tensorfile import NotParsed, Rows
 from ..errors import ConfigError
 
 SHARDS = "model-shards.json"  # a sharded checkpoint's layout: which tensors are split, along which dim, how big
@@ -38,7 +39,7 @@ def saved_world_size(folder: Path) -> int | None:
 
 
 class Saved:
-    """The tensors of ``stem.safetensors`` (whole) or of ``stem-rankNNNNN.safetensors`` (pieces), read by slices.
+    """The tensors of ``stem.safetensors`` (whole) or of ``stem-rankNNNNN.safetensors`` (pieces), read by rows.
 
     ``split(name, shape)`` says along which dim the pieces of a tensor are split (None: each file holds it whole);
     it is asked only for a sharded checkpoint.
@@ -55,52 +56,50 @@ class Saved:
                               "none), so its shards cannot be put together at another layout; resume it with its "
                               "own strategy and number of processes.")
         self.folder = folder
-        self.files = [safe_open(str(p), framework="pt") for p in paths]
+        try:
+            self.files = [Rows(p) for p in paths]
+        except NotParsed as err:
+            raise CheckpointError(f"{folder}: {err}") from None
         self._split = split
-        self.sharded = len(paths) > 1 or not whole.is_file()
+        self.sharded = not whole.is_file()
 
     def keys(self) -> list[str]:
-        return list(self.files[0].keys())
+        return self.files[0].keys()
 
     def _dim(self, name: str) -> int | None:
-        return self._split(name, self.files[0].get_slice(name).get_shape()) if self.sharded else None
+        return self._split(name, self.files[0].shape(name)) if self.sharded else None
 
     def shape(self, name: str) -> list[int]:
         """The whole tensor's shape."""
-        shape = list(self.files[0].get_slice(name).get_shape())
+        shape = self.files[0].shape(name)
         dim = self._dim(name)
         if dim is not None:
-            shape[dim] = sum(f.get_slice(name).get_shape()[dim] for f in self.files)
+            shape[dim] = sum(f.shape(name)[dim] for f in self.files)
         return shape
 
     def whole(self, name: str) -> torch.Tensor:
         dim = self._dim(name)
         if dim is None:
-            return self.files[0].get_tensor(name)
-        return torch.cat([f.get_tensor(name) for f in self.files], dim)
+            return self.files[0].rows(name)
+        return torch.cat([f.rows(name) for f in self.files], dim)
 
     def rows(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """``whole(name).narrow(dim, start, stop - start)``, reading only the pieces (and bytes) that hold it."""
         saved_dim = self._dim(name)
-        if saved_dim is None:
-            return _take(self.files[0].get_slice(name), dim, start, stop)
-        if saved_dim != dim:  # split along another dim than asked: read whole, then cut (FSDP2 always splits dim 0)
+        if dim != 0 or saved_dim not in (None, 0):  # FSDP2 splits dim 0: anything else is read whole, then cut
             return self.whole(name).narrow(dim, start, stop - start).clone()
+        if saved_dim is None:
+            return self.files[0].rows(name, start, stop)
         if stop <= start:  # FSDP2 leaves the last ranks of a short tensor no rows
-            return _take(self.files[0].get_slice(name), dim, 0, 0)
+            return self.files[0].rows(name, 0, 0)
         pieces, offset = [], 0
         for f in self.files:
-            piece = f.get_slice(name)
-            n = piece.get_shape()[dim]
+            n = f.shape(name)[0]
             a, z = max(start, offset), min(stop, offset + n)
             if z > a:
-                pieces.append(_take(piece, dim, a - offset, z - offset))
+                pieces.append(f.rows(name, a - offset, z - offset))
             offset += n
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
-
-
-def _take(piece: Any, dim: int, start: int, stop: int) -> torch.Tensor:
-    return piece[(slice(None),) * dim + (slice(start, stop),)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def rows_of(n: int, world_size: int, rank: int) -> tuple[int, int]:
