@@ -192,3 +192,50 @@ def test_new_global_batch_starts_the_position_over_at_an_epoch_beginning() -> No
     assert resize.restart_position({"epoch": 2, "position": 0, "end_of_epoch": 0})["epoch"] == 2
     assert resize.restart_position({"sources": {"a": {"epoch": 0, "position": 8, "end_of_epoch": 1}}}) == \
         {"sources": {"a": {"epoch": 1, "position": 0, "end_of_epoch": 0}}}
+
+
+# ------------------------------------------------------------------------------------------------ one process
+class Regression(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(self.net(x).squeeze(1), y)
+
+
+def fit(run: Path | None, steps: int, **options) -> tuple[object, dict[str, torch.Tensor]]:
+    from cadence import Trainer
+
+    torch.manual_seed(0)
+    model = Regression()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 4, generator=gen)
+    options = {"batch_size": 4, **options}
+    t = Trainer(model, (x, x.sum(1)), max_steps=steps, lr=0.01, device="cpu", progress=False, run_dir=run,
+                **options)
+    t.fit()
+    return t, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_resume_may_split_the_same_global_batch_otherwise(tmp_path: Path, capsys) -> None:
+    _, reference = fit(None, 8, batch_size=8)
+    fit(tmp_path / "run", 3, grad_accum=2)
+    t, resumed = fit(tmp_path / "run", 8, batch_size=8, resume="auto")
+    assert "resume with the same global batch of 8 (batch_size 8 x grad_accum 1 x 1 process)" in \
+        capsys.readouterr().err
+    assert t.step == 8
+    assert_close(resumed, reference)
+
+
+def test_new_global_batch_trains_on_from_the_next_epoch_and_without_it_nothing_is_written(tmp_path: Path,
+                                                                                        capsys) -> None:
+    run = tmp_path / "run"
+    fit(run, 3)  # 3 of the 12 steps of epoch 0
+    before = folder_state(run)
+    with pytest.raises(ConfigError, match=r"batch_size 4 -> 8\), so the global batch would change from 4"):
+        fit(run, 9, batch_size=8, resume="auto")
+    assert folder_state(run) == before
+    t, _ = fit(run, 9, batch_size=8, resume="auto", new_global_batch=True)  # 6 steps of 8: all of epoch 1
+    assert "the global batch 4 -> 8" in capsys.readouterr().err
+    assert (t.epoch, t.stream.first.position, t.stream.end_of_epoch) == (1, 6, True)
