@@ -239,3 +239,32 @@ def test_new_global_batch_trains_on_from_the_next_epoch_and_without_it_nothing_i
     t, _ = fit(run, 9, batch_size=8, resume="auto", new_global_batch=True)  # 6 steps of 8: all of epoch 1
     assert "the global batch 4 -> 8" in capsys.readouterr().err
     assert (t.epoch, t.stream.first.position, t.stream.end_of_epoch) == (1, 6, True)
+
+
+def test_a_run_resumed_at_one_process_resumes_there_again_with_the_same_arguments() -> None:
+    saved = {**META, "grad_accum": 4, "world_size": 1, "grad_accum_given": 1}  # 4 processes -> 1, adapted
+    plan = resize.plan(trainer(4, 1, 1), Path("ck"), saved)
+    assert plan.now == resize.Split(4, 4, 1)
+    assert plan.message == "resume: grad_accum 1 -> 4 keeps the global batch of 16 (batch_size 4 x grad_accum 4 x " \
+                           "1 process), as before"
+
+
+def test_cadence_fit_trained_on_two_processes_resumes_on_one_and_again(tmp_path: Path) -> None:
+    from test_distributed import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    common = ["--trainer.device", "cpu", "--trainer.progress", "false", "--trainer.checkpoint_every", "4",
+              "--trainer.warmup_steps", "2"]
+
+    def fit_cli(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "cadence", "fit", *args, *common], capture_output=True,
+                              text=True, timeout=TIMEOUT, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    fit_cli("--nproc", "2", "--master-port", str(free_port()), "--run-dir", "run", "--trainer.max_steps", "4")
+    proc = fit_cli("--resume", "run", "--trainer.max_steps", "8")
+    assert "resume at 1 process from a checkpoint of 2: grad_accum 1 -> 2 keeps the global batch" in proc.stderr
+    assert "done: step=8" in proc.stdout
+    proc = fit_cli("--resume", "run", "--trainer.max_steps", "12")
+    assert "resume: grad_accum 1 -> 2 keeps the global batch" in proc.stderr and "done: step=12" in proc.stdout

@@ -80,7 +80,7 @@ def regroup(t: Trainer, grad_accum: int) -> None:
     t.stream.close()
     t.stream = prepare(train_data, val_data, settings, **options).stream
     t._data_inputs = (train_data, val_data, settings, options)
-    t.grad_accum = t._arguments["grad_accum"] = grad_accum
+    t.grad_accum = grad_accum
 
 
 def build_training(t: Trainer, a: SimpleNamespace) -> None:

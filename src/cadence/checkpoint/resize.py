@@ -3,7 +3,9 @@
 Step ``i`` of an epoch takes the items ``perm[i * G:(i + 1) * G]`` with ``G = batch_size * grad_accum *
 world_size``, however they are split among the ranks; so a checkpoint resumes exactly at any world size that
 keeps ``G``. :func:`plan` compares the run's data arguments with the checkpoint's: where the world size changed
-and the run kept the checkpoint's ``grad_accum``, it adapts ``grad_accum`` to keep ``G`` (said in one line);
+and the run was given the checkpoint's ``batch_size`` and ``grad_accum`` (as the run that wrote it was given
+them: the checkpoint records both the argument and the ``grad_accum`` it trained with), it adapts ``grad_accum``
+to keep ``G`` (said in one line);
 where nothing keeps ``G``, it stops before anything is loaded or written, naming settings that would. An
 explicit change of ``G`` needs ``new_global_batch=True``, which starts the data position over at the beginning
 of an epoch.
@@ -79,11 +81,14 @@ def plan(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> Plan:
         return _checked_streams(trainer, where, Plan(saved, now, message=(
             f"resume at {moved}: the global batch of {now} is kept" if now.world_size != saved.world_size else
             f"resume with the same global batch of {now}")))
+    # batch_size and grad_accum as the run that wrote the checkpoint was given them (its grad_accum maybe adapted)
+    untouched = now.batch_size == saved.batch_size and now.grad_accum == meta.get("grad_accum_given", saved.grad_accum)
     per_rank, rest = divmod(saved.global_batch, now.batch_size * now.world_size)
-    if now.world_size != saved.world_size and now.grad_accum == saved.grad_accum and rest == 0 and per_rank >= 1:
+    if untouched and rest == 0 and per_rank >= 1:
         adapted = Split(now.batch_size, per_rank, now.world_size)
+        kept = f"grad_accum {now.grad_accum} -> {per_rank} keeps the global batch of {adapted}"
         return _checked_streams(trainer, where, Plan(saved, adapted, message=(
-            f"resume at {moved}: grad_accum {now.grad_accum} -> {per_rank} keeps the global batch of {adapted}")))
+            f"resume at {moved}: {kept}" if now.world_size != saved.world_size else f"resume: {kept}, as before")))
     if trainer.new_global_batch:
         return _checked_streams(trainer, where, Plan(saved, now, restart=True, message=(
             f"resume with new_global_batch=True: the global batch {saved.global_batch} -> {now}; the data "

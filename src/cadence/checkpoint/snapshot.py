@@ -62,6 +62,7 @@ def capture(trainer: Trainer, staging: Staging | None = None) -> dict[str, Any]:
         "torch_version": torch.__version__,
         **identity,
         "config_hash": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+        "grad_accum_given": trainer._arguments["grad_accum"],  # grad_accum is what it trained with (resize.py)
         **meta,
     }
     if ema is not None:
