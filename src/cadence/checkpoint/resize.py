@@ -57,10 +57,6 @@ class Plan:
     restart: bool = False
     message: str | None = None
 
-    @property
-    def resized(self) -> bool:
-        return self.saved != self.now
-
 
 def plan(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> Plan:
     """Check the data arguments against the checkpoint's ``trainer.json`` (``meta``); raises ``ConfigError``."""
