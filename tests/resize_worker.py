@@ -2,11 +2,12 @@
 number of processes.
 
 usage: resize_worker.py OUT RUN [--strategy S] [--grad-accum N] [--batch-size N] [--steps N]
-                                [--resume] [--new-global-batch]
+                                [--resume] [--new-global-batch] [--ema]
 Trains on a counting dataset with augmentation (item i is x[i] plus noise drawn in __getitem__, and i itself)
 in the run folder RUN, for --steps steps (the schedule's length is fixed: a shorter run is the first part of
 a longer one). Every rank appends the items of each of its micro-batches to OUT/items-rankR.txt (one
-line each) and writes its final weights to OUT/weights-rankR.safetensors.
+line each) and writes its final weights to OUT/weights-rankR.safetensors (with --ema, the EMA's to
+OUT/ema-rankR.safetensors).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cadence import Trainer  # noqa: E402
+from cadence import EMA, Trainer  # noqa: E402
 
 
 class Counting(torch.utils.data.Dataset):
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--new-global-batch", action="store_true")
+    parser.add_argument("--ema", action="store_true", help="keep an EMA of the weights (DDP or one process)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -74,11 +76,15 @@ def main() -> None:
                       max_steps=args.steps, lr=0.05, schedule="cosine", decay_steps=8,
                       warmup_steps=2, max_grad_norm=1.0,
                       log_every=3, strategy=args.strategy, device="cpu", progress=False, run_dir=args.run,
-                      resume="auto" if args.resume else None, new_global_batch=args.new_global_batch)
+                      resume="auto" if args.resume else None, new_global_batch=args.new_global_batch,
+                      ema=EMA(beta=0.9) if args.ema else None)
     trainer.fit()
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(out / f"weights-rank{rank}.safetensors"))
+    if trainer.ema is not None:
+        save_file({k: v.contiguous() for k, v in trainer.ema.model.state_dict().items()},
+                  str(out / f"ema-rank{rank}.safetensors"))
     print(f"rank={rank} step={trainer.step} grad_accum={trainer.grad_accum}", flush=True)
 
 

@@ -36,8 +36,16 @@ def launch(out: Path, run: Path, *args: str, nproc: int = 0) -> subprocess.Compl
     return proc
 
 
-def weights(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
-    return load_file(out / f"weights-rank{rank}.safetensors")
+def weights(out: Path, rank: int = 0, kind: str = "weights") -> dict[str, torch.Tensor]:
+    return load_file(out / f"{kind}-rank{rank}.safetensors")
+
+
+def with_ema(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return {**weights(out, rank), **{f"ema.{k}": v for k, v in weights(out, rank, "ema").items()}}
+
+
+def model_only(reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in reference.items() if not k.startswith("ema.")}
 
 
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -63,34 +71,34 @@ def folder_state(run: Path) -> dict[str, bytes]:
 def one(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The uninterrupted run at one process: grad_accum 2, a global batch of 8 (one epoch of 64 items)."""
     out = tmp_path_factory.mktemp("one")
-    launch(out, out / "run", "--grad-accum", "2")
+    launch(out, out / "run", "--grad-accum", "2", "--ema")
     assert trained_items(out) == Counter(range(64))
-    return weights(out)
+    return with_ema(out)
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The uninterrupted run at two processes (DDP): grad_accum 1, the same global batch of 8."""
     out = tmp_path_factory.mktemp("two")
-    launch(out, out / "run", nproc=2)
+    launch(out, out / "run", "--ema", nproc=2)
     assert_close(weights(out, 1), weights(out, 0))
-    return weights(out)
+    return with_ema(out)
 
 
 def test_ddp_two_processes_resume_at_one_adapting_grad_accum(tmp_path: Path, one: dict) -> None:
     run = tmp_path / "run"
-    launch(tmp_path / "before", run, "--steps", "3", nproc=2)
-    proc = launch(tmp_path / "after", run, "--resume")  # grad_accum 1 as at two processes: cadence adapts it
+    launch(tmp_path / "before", run, "--steps", "3", "--ema", nproc=2)
+    proc = launch(tmp_path / "after", run, "--resume", "--ema")  # grad_accum 1 as at two processes: adapted
     assert "resume at 1 process from a checkpoint of 2: grad_accum 1 -> 2 keeps the global batch of 8" in proc.stderr
     assert "grad_accum=2" in proc.stdout
     assert trained_items(tmp_path / "before", tmp_path / "after") == Counter(range(64))  # each item once
-    assert_close(weights(tmp_path / "after"), one)
+    assert_close(with_ema(tmp_path / "after"), one)  # the EMA too
 
 
 def test_ddp_one_process_resumes_at_two_and_a_resume_that_cannot_keep_the_batch_writes_nothing(
         tmp_path: Path, two: dict) -> None:
     run = tmp_path / "run"
-    launch(tmp_path / "before", run, "--grad-accum", "2", "--steps", "3")
+    launch(tmp_path / "before", run, "--grad-accum", "2", "--steps", "3", "--ema")
     before = folder_state(run)
     from test_distributed import TORCHRUN, free_port
 
@@ -102,11 +110,11 @@ def test_ddp_one_process_resumes_at_two_and_a_resume_that_cannot_keep_the_batch_
     assert "global batch would change from 8 (batch_size 4 x grad_accum 2 x 1 process) to 6" in failed.stderr
     assert "batch_size=4 with grad_accum=1" in failed.stderr and "new_global_batch=True" in failed.stderr
     assert folder_state(run) == before
-    proc = launch(tmp_path / "after", run, "--resume", "--grad-accum", "2", nproc=2)
+    proc = launch(tmp_path / "after", run, "--resume", "--grad-accum", "2", "--ema", nproc=2)
     assert "grad_accum 2 -> 1 keeps the global batch of 8 (batch_size 4 x grad_accum 1 x 2 processes)" in proc.stderr
     assert trained_items(tmp_path / "before", tmp_path / "after") == Counter(range(64))
-    assert_close(weights(tmp_path / "after", 0), two)
-    assert_close(weights(tmp_path / "after", 1), two)
+    assert_close(with_ema(tmp_path / "after", 0), two)
+    assert_close(with_ema(tmp_path / "after", 1), two)
 
 
 def test_fsdp_two_processes_resume_in_a_single_process(tmp_path: Path, one: dict) -> None:
@@ -114,7 +122,7 @@ def test_fsdp_two_processes_resume_in_a_single_process(tmp_path: Path, one: dict
     launch(tmp_path / "before", run, "--strategy", "fsdp", "--steps", "3", nproc=2)
     launch(tmp_path / "after", run, "--resume")  # whole tensors joined from the two ranks' shards
     assert trained_items(tmp_path / "before", tmp_path / "after") == Counter(range(64))
-    assert_close(weights(tmp_path / "after"), one)
+    assert_close(weights(tmp_path / "after"), model_only(one))
 
 
 def test_a_single_process_resumes_under_fsdp_at_two_then_fsdp_reshards_from_two_to_four(tmp_path: Path,
@@ -126,7 +134,7 @@ def test_a_single_process_resumes_under_fsdp_at_two_then_fsdp_reshards_from_two_
     launch(tmp_path / "after", run, "--strategy", "fsdp", "--batch-size", "2", "--resume", nproc=4)
     assert trained_items(tmp_path / "before", tmp_path / "middle", tmp_path / "after") == Counter(range(64))
     for rank in range(4):
-        assert_close(weights(tmp_path / "after", rank), two)
+        assert_close(weights(tmp_path / "after", rank), model_only(two))
 
 
 def test_a_rank_reads_only_the_rows_it_holds_from_the_shards_that_hold_them(tmp_path: Path) -> None:
