@@ -110,6 +110,7 @@ BAD_VALUES: list[tuple[str, Any, list[str]]] = [
     ("tokens_per_item", -1, ["tokens_per_item=-1", "tokens in one item"]),
     ("flops_per_item", "x", ["flops_per_item='x'", '"count"']),
     ("peak_flops", 0, ["peak_flops=0", "peak FLOPs"]),
+    ("new_global_batch", "yes", ["new_global_batch='yes'", "true or false"]),
 ]
 
 # Arguments that contradict each other (or one makes the other meaningless): the message names both.

@@ -149,7 +149,8 @@ def check_types(a: dict[str, Any]) -> None:
     """Values of the wrong kind, named before any other check reads them (no TypeError from deep inside)."""
     from .callbacks import EVENTS
 
-    for key in ("drop_last", "item_seeding", "shuffle", "overwrite", "progress", "async_checkpoint", "val_mean"):
+    for key in ("drop_last", "item_seeding", "shuffle", "overwrite", "progress", "async_checkpoint", "val_mean",
+                "new_global_batch"):
         if key in a and not isinstance(a[key], bool):
             raise bad(key, a[key], "use true or false.")
     index = a.get("loss_index")

@@ -5,6 +5,7 @@ stage begins."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -57,9 +58,10 @@ def build_data(t: Trainer, a: SimpleNamespace) -> None:
                             drop_last=a.drop_last, collate_fn=a.collate_fn, num_workers=a.num_workers,
                             pin_memory=t.device.type == "cuda", sampler=a.sampler, balance_by=a.balance_by,
                             world_size=t.world_size, rank=t.rank, item_seeding=a.item_seeding)
-    data = prepare(a.train_data, a.val_data, settings, valid_frac=a.valid_frac, split_by=a.split_by,
-                   split_seed=a.split_seed, mix=a.mix, source_weights=a.source_weights, split_mode=a.split_mode,
-                   val_indices=a.val_indices)
+    options = dict(valid_frac=a.valid_frac, split_by=a.split_by, split_seed=a.split_seed, mix=a.mix,
+                   source_weights=a.source_weights, split_mode=a.split_mode, val_indices=a.val_indices)
+    data = prepare(a.train_data, a.val_data, settings, **options)
+    t._data_inputs = (a.train_data, a.val_data, settings, options)  # regroup() prepares the stream again
     t.stream, t.val_data, t.data_length = data.stream, data.val_data, data.length
     t._datasets = stateful_datasets(a.train_data)
     t._order_arguments = order_arguments(vars(a))  # checked against a checkpoint's on resume
@@ -70,6 +72,17 @@ def build_data(t: Trainer, a: SimpleNamespace) -> None:
     t.stage_plan = StagePlan(a.stages, t.steps_per_epoch, a.model, a.param_groups) if a.stages else None
     t.max_epochs = a.max_epochs
     t.max_steps = total_steps(a.max_steps, a.max_epochs, t.steps_per_epoch, t.stage_plan)
+
+
+def regroup(t: Trainer, grad_accum: int) -> None:
+    """The step stream again with another ``grad_accum`` (a resume at another world size keeps the global batch
+    by it): the same items per step, split anew among this rank's micro-batches."""
+    train_data, val_data, settings, options = t._data_inputs
+    settings = replace(settings, grad_accum=grad_accum)
+    t.stream.close()
+    t.stream = prepare(train_data, val_data, settings, **options).stream
+    t._data_inputs = (train_data, val_data, settings, options)
+    t.grad_accum = grad_accum
 
 
 def build_training(t: Trainer, a: SimpleNamespace) -> None:
@@ -118,7 +131,7 @@ def build_run(t: Trainer, a: SimpleNamespace) -> None:
     t.run_dir = Path(a.run_dir) if a.run_dir is not None else None
     t.loggers = check_loggers(a.loggers, has_run_dir=t.run_dir is not None)
     t.profiler = StepProfiler(tuple(a.profile), t.run_dir / "profile") if a.profile is not None else None
-    t.resume = a.resume
+    t.resume, t.new_global_batch = a.resume, a.new_global_batch
     t.run_folder = RunFolder(t.run_dir, a.overwrite, a.resume, t.is_main) if t.run_dir else None
     t.checkpoints = Checkpoints(t.run_dir / "checkpoints", a.keep_last, a.keep_best) if t.run_dir else None
     t._saver = Saver(t.checkpoints, t.strategy, a.async_checkpoint) if t.checkpoints else None

@@ -20,7 +20,7 @@ from torch import nn
 from . import callbacks as cbs
 from . import killpoints
 from .arguments import check_basic
-from .build import build_backend, build_data, build_run, build_training, sync_stage
+from .build import build_backend, build_data, build_run, build_training, regroup, sync_stage
 from .callbacks import Callback
 from .checkpoint.snapshot import capture
 from .ema import EMA
@@ -109,6 +109,9 @@ class Trainer:
             the other entries that are scalars are parts (named by part_names), the rest go to metrics only.
         metrics: {"name": callable(output, batch) -> scalar} computed in validation.
         resume: "auto" (the newest valid checkpoint in run_dir, if any) or a checkpoint or run folder.
+        new_global_batch: resume with another global batch (batch_size * grad_accum * world_size) than the
+            checkpoint's, the data position starting over at the beginning of an epoch; by default a resume keeps
+            it, adapting grad_accum at another world size (docs/distributed.md).
         keep_last: keep only the newest N checkpoints (None: keep all).
         keep_best: (metric, "min" or "max"): also keep the checkpoint with the best value of metric, saved at that
             validation (the weights measured), also between checkpoint_every saves (docs/checkpoints.md).
@@ -173,7 +176,8 @@ class Trainer:
         loss_index: int | None = None,
         metrics: Mapping[str, Callable[[Any, Any], Any]] | None = None,
         # checkpoints
-        resume: str | Path | None = None, keep_last: int | None = None, keep_best: tuple[str, str] | None = None,
+        resume: str | Path | None = None, new_global_batch: bool = False, keep_last: int | None = None,
+        keep_best: tuple[str, str] | None = None,
         async_checkpoint: bool = False, on_nonfinite: str = "raise", max_nonfinite: int = 10,
         # EMA, early stopping, stages
         ema: EMA | None = None, validate_on: str = "model", early_stopping: Sequence[EarlyStopping] = (),
@@ -215,6 +219,10 @@ class Trainer:
     def params(self) -> list[torch.Tensor]:
         """The parameters the current optimizer trains."""
         return self._parts.params
+
+    def _regroup(self, grad_accum: int) -> None:
+        """Split each step's global batch into ``grad_accum`` micro-batches per rank from now on (a resume)."""
+        regroup(self, grad_accum)
 
     def _sync_stage(self, step: int | None = None) -> None:
         """Build the optimizer for the stage of ``step`` (default: the next one), once or when a stage begins."""

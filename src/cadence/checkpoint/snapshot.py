@@ -17,20 +17,16 @@ import torch
 
 from ..data.identity import ORDER_ARGUMENTS
 from ..errors import ConfigError
+from ..rundir import notice
 from ..version import __version__
 from ..weights import host_tensors
-from . import tree
+from . import resize, tree
 from .format import FORMAT, read_json, read_tensors
 from .staging import Staging
 from .state import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
-
-# Arguments that fix which items each step sees, and in what order: a resume that changes them cannot be exact.
-# (A checkpoint written before a key was added does not hold it, and is not checked for it.)
-DATA_KEYS = ("data_length", "batch_size", "grad_accum", "world_size", "seed", *ORDER_ARGUMENTS)
-
 
 def run_identity(trainer: Trainer) -> dict[str, Any]:
     return {"data_length": trainer.data_length, "batch_size": trainer.batch_size,
@@ -68,6 +64,7 @@ def capture(trainer: Trainer, staging: Staging | None = None) -> dict[str, Any]:
         "torch_version": torch.__version__,
         **identity,
         "config_hash": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+        "grad_accum_given": trainer._arguments["grad_accum"],  # grad_accum is what it trained with (resize.py)
         **meta,
     }
     if ema is not None:
@@ -81,10 +78,17 @@ def capture(trainer: Trainer, staging: Staging | None = None) -> dict[str, Any]:
 
 
 def restore(trainer: Trainer, folder: Path) -> None:
-    """Load the checkpoint ``folder`` into ``trainer`` (already built with the same arguments)."""
+    """Load the checkpoint ``folder`` into ``trainer`` (built with the same arguments, or at another world size
+    with the same global batch: see :mod:`.resize`)."""
     meta = read_json(folder / "trainer.json")
-    check_fits(trainer, folder, meta)
+    change = check_fits(trainer, folder, meta)
     state = read_state(folder, meta)
+    if change.now.grad_accum != trainer.grad_accum:
+        trainer._regroup(change.now.grad_accum)  # the data stream splits the same global batch anew
+    if change.message is not None and trainer.is_main:
+        notice(change.message)
+    if change.restart:
+        state["data"] = resize.restart_position(state["data"])
     trainer.strategy.load_model_files(trainer.model, folder, state.get("model") or {})
     if trainer.ema is not None and state.get("ema") is None:
         raise ConfigError(f"resume={str(folder)!r}: the checkpoint has no EMA weights but this run has ema=...; "
@@ -96,27 +100,33 @@ def restore(trainer: Trainer, folder: Path) -> None:
             for key, value in trainer.optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor) and key != "step" and value.device != p.device:
                     trainer.optimizer.state[p][key] = value.to(p.device)
-    set_rng_state(read_tensors(folder / rng_file(trainer.rank, trainer.world_size)))
-    own = folder / running_file(trainer.rank)
-    if trainer.world_size > 1 and own.exists():  # trainer.json has rank 0's (and cadence 0.1 only those)
-        trainer.running.load_state(read_tensors(own), None)
+    saved_world = int(meta.get("world_size", trainer.world_size))
+    if saved_world == trainer.world_size:
+        set_rng_state(read_tensors(folder / rng_file(trainer.rank, trainer.world_size)))
+        own = folder / running_file(trainer.rank)
+        if trainer.world_size > 1 and own.exists():  # trainer.json has rank 0's (and cadence 0.1 only those)
+            trainer.running.load_state(read_tensors(own), None)
+        return
+    set_rng_state(read_tensors(resize.rng_source(folder, trainer.rank, saved_world)))
+    running = resize.mean_running(folder, saved_world)
+    if running is not None:  # every new rank: the old ranks' mean (what the next log point averages)
+        trainer.running.load_state(running, None)
 
 
-def check_fits(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> None:
-    """Refuse a checkpoint of a newer format, of other data arguments or of another strategy."""
+def check_fits(trainer: Trainer, folder: Path, meta: dict[str, Any]) -> resize.Plan:
+    """Refuse a checkpoint of a newer format or of other data arguments (but another world size with the same
+    global batch); what the resume changes. (Any strategy reads the weights any other wrote.)"""
     if meta.get("format", FORMAT) > FORMAT:
         raise ConfigError(f"resume={str(folder)!r}: written by cadence {meta.get('cadence_version')} in checkpoint "
                           f"format {meta['format']}, newer than this cadence {__version__} reads; upgrade cadence.")
-    now = run_identity(trainer)
-    changed = [f"{k} {meta.get(k)} -> {now[k]}" for k in DATA_KEYS if k in meta and meta[k] != now[k]]
+    now = trainer._order_arguments
+    changed = [f"{k} {meta[k]} -> {now[k]}" for k in ORDER_ARGUMENTS if k in meta and meta[k] != now[k]]
     if changed:
         raise ConfigError(f"resume={str(folder)!r}: the run changed since this checkpoint ({'; '.join(changed)}); "
                           "an exact resume needs the same data and every option that decides which items train "
-                          "and in what order (batch_size, grad_accum, world size, seed, the split, the sampling, "
-                          "the sources) as they were. Put them back, or start a new run.")
-    if not trainer.strategy.resumes(meta.get("strategy")):
-        raise ConfigError(f"resume={str(folder)!r}: saved with strategy {meta.get('strategy')!r}, resumed with "
-                          f"{trainer.strategy.name!r}; use the same strategy.")
+                          "and in what order (the split, the sampling, the sources) as they were. Put them back, "
+                          "or start a new run.")
+    return resize.plan(trainer, folder, meta)
 
 
 def read_state(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:

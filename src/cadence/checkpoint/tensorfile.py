@@ -13,6 +13,7 @@ file written or read is one the library writes and reads.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from collections.abc import Iterator, Mapping
@@ -165,3 +166,54 @@ def read_tensor_file(f: BinaryIO, size: int, hasher: Any) -> dict[str, torch.Ten
             _read_into(f, raw(t), hasher)
         tensors[name] = t
     return tensors
+
+
+class _Unhashed:
+    def update(self, data: Any) -> None:
+        pass
+
+
+class Rows:
+    """A safetensors file read by rows (a range of the first dimension of a tensor): plain reads of only those bytes
+    into memory of their own. (safetensors' ``safe_open`` gives views of the file mapped, read lazily and counted
+    in the process's memory for as long as the mapping lives.)"""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = path
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            (length,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (size,)
+            if sys.byteorder != "little" or length > min(MAX_HEADER, size - 8):
+                raise NotParsed(f"{path}: not a safetensors file this reader takes")
+            try:
+                header = json.loads(f.read(length))
+            except ValueError as err:
+                raise NotParsed(f"{path}: the header is not JSON ({err})") from None
+        self._entries: dict[str, tuple[torch.dtype, list[int], int]] = {}
+        begin = 8 + length
+        for name, dtype, shape, nbytes in _layout(header, size - 8 - length):
+            self._entries[name] = (dtype, shape, begin)
+            begin += nbytes
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._entries[name][1])
+
+    def rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` (all of it by default; a scalar is read whole)."""
+        dtype, shape, begin = self._entries[name]
+        if not shape:
+            out, offset = torch.empty((), dtype=dtype), begin
+        else:
+            start, stop = start or 0, shape[0] if stop is None else stop
+            row = dtype.itemsize
+            for d in shape[1:]:
+                row *= d
+            out, offset = torch.empty([max(stop - start, 0), *shape[1:]], dtype=dtype), begin + start * row
+        if out.numel():
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(offset)
+                _read_into(f, raw(out), _Unhashed())
+        return out

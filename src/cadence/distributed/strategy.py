@@ -8,9 +8,9 @@ The rest of cadence talks to a strategy only through these methods, and never as
   number of ranks), ``any``/``max_values`` (read on the host: used where every rank must take the same branch),
   ``barrier``;
 - weights and checkpoints: ``checkpoint_files``/``load_model_files``/``load_optimizer_files`` (the model's and
-  the optimizer's files of a checkpoint: replicated, written once, or one shard per rank), ``save_final`` (the
-  whole weights at the end of a run), ``checkpoint_weights`` (the whole weights of a checkpoint, for
-  ``cadence export``) and ``resumes`` (whether a checkpoint saved under another strategy fits).
+  the optimizer's files of a checkpoint: replicated, written once, or one shard per rank; any strategy loads a
+  checkpoint of any other, at any world size, through :mod:`.reshard`), ``save_final`` (the whole weights at the
+  end of a run) and ``checkpoint_weights`` (the whole weights of a checkpoint, for ``cadence export``).
 
 A single process is a ``Strategy`` too: ``no_sync`` is a null context and every reduction the identity, so the
 step and the loop have no single-process branches.
@@ -31,7 +31,9 @@ from ..checkpoint.format import read_json, read_tensors
 from ..checkpoint.state import load_local_shards, load_optimizer, local, optimizer_state
 from ..errors import ConfigError, bad
 from ..weights import clean_state_dict, load_model, save_weights, strip_compiled, write_safetensors
+from . import reshard
 from .env import DistEnv
+from .reshard import SHARDS
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 _NOTHING = contextlib.nullcontext()  # reusable: it holds no state
@@ -102,11 +104,21 @@ class Strategy:
 
     def load_model_files(self, model: nn.Module, folder: Path, extra: dict[str, Any]) -> None:
         """Load a checkpoint's weights, with the modules' ``get_extra_state()`` (``extra``), as load_state_dict
-        takes them."""
-        load_model(model, {**read_tensors(folder / "model.safetensors"), **extra}, str(folder))
+        takes them (from an FSDP checkpoint: each tensor joined from its shards)."""
+        if (folder / "model.safetensors").is_file():
+            load_model(model, {**read_tensors(folder / "model.safetensors"), **extra}, str(folder))
+            return
+        saved = reshard.Saved(folder, "model", reshard.model_split(folder))
+        load_model(model, {**{k: saved.whole(k) for k in saved.keys()}, **extra}, str(folder))
 
     def load_optimizer_files(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-        load_optimizer(optimizer, read_tensors(folder / "optimizer.safetensors"), read_json(folder / "optimizer.json"))
+        if (folder / "optimizer.safetensors").is_file():
+            load_optimizer(optimizer, read_tensors(folder / "optimizer.safetensors"),
+                           read_json(folder / "optimizer.json"))
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        load_optimizer(optimizer, reshard.optimizer_tensors(folder, params, self.world_size, self.rank),
+                       reshard.optimizer_json(folder))
 
     def save_final(self, model: nn.Module, folder: Path, ema_model: nn.Module | None = None) -> None:
         """``folder/model.safetensors`` (and ``ema.safetensors``), written by the main process."""
@@ -119,11 +131,6 @@ class Strategy:
     def checkpoint_weights(cls, folder: Path, file: str) -> Path | dict[str, torch.Tensor]:
         """The whole weights ``file`` of a checkpoint this strategy wrote: here a file to copy as it is."""
         return folder / file
-
-    @classmethod
-    def resumes(cls, saved: str | None) -> bool:
-        """Whether a checkpoint saved with strategy ``saved`` fits this one (replicated vs sharded files)."""
-        return strategy_class(saved).sharded == cls.sharded
 
 
 class DDPStrategy(Strategy):
@@ -165,7 +172,6 @@ class DDPStrategy(Strategy):
         dist.barrier()
 
 
-SHARDS = "model-shards.json"  # a sharded checkpoint's layout: which tensors are split, along which dim, how big
 
 
 class FSDPStrategy(DDPStrategy):
@@ -220,12 +226,35 @@ class FSDPStrategy(DDPStrategy):
             files[SHARDS] = {"world_size": self.world_size, "sharded": sharded}
         return files
 
+    def _own_shards(self, folder: Path) -> bool:
+        """Whether ``folder`` holds shards laid out for this world size (else they are read by slices)."""
+        world = reshard.saved_world_size(folder)
+        own = (folder / f"model{self._suffix()}.safetensors").is_file()
+        return own and (world == self.world_size or (world is None and not (folder / "model.safetensors").is_file()))
+
     def load_model_files(self, model: nn.Module, folder: Path, extra: dict[str, Any]) -> None:
-        load_local_shards(model, read_tensors(folder / f"model{self._suffix()}.safetensors"), str(folder))
+        """This rank's shards: its own file at the checkpoint's world size; at another one (or from whole
+        tensors), its slice of each tensor, read from the files that hold it."""
+        if self._own_shards(folder):
+            load_local_shards(model, read_tensors(folder / f"model{self._suffix()}.safetensors"), str(folder))
+            return
+        saved = reshard.Saved(folder, "model", reshard.model_split(folder))
+        own = {strip_compiled(k): v for k, v in model.state_dict().items()}
+        missing = sorted(set(own) ^ set(saved.keys()))
+        if missing:
+            raise ConfigError(f"resume={str(folder)!r}: the checkpoint's tensors do not fit the model "
+                              f"({', '.join(missing[:10])}); resume with the same model.")
+        load_local_shards(model, {k: reshard.shard_of(saved, k, v, self.world_size, self.rank)
+                                  for k, v in own.items()}, str(folder))
 
     def load_optimizer_files(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-        load_optimizer(optimizer, read_tensors(folder / f"optimizer{self._suffix()}.safetensors"),
-                       read_json(folder / f"optimizer{self._suffix()}.json"))
+        if self._own_shards(folder):
+            load_optimizer(optimizer, read_tensors(folder / f"optimizer{self._suffix()}.safetensors"),
+                           read_json(folder / f"optimizer{self._suffix()}.json"))
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        load_optimizer(optimizer, reshard.optimizer_tensors(folder, params, self.world_size, self.rank),
+                       reshard.optimizer_json(folder))
 
     def save_final(self, model: nn.Module, folder: Path, ema_model: nn.Module | None = None) -> None:
         """The whole tensors, gathered from the shards: every rank must call it (a collective)."""
