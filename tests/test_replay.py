@@ -46,10 +46,10 @@ VALUES: dict[str, list[str]] = {
     "compile": ["max", "true"], "compile_options": ['{"mode": "max-autotune-no-cudagraphs"}'],
     "decay_steps": ["5"], "val_indices": ["[0, 3]", "builtins.len"], "loss_index": ["1"], "val_mean": ["true"],
     "tokens_per_item": ["128"], "flops_per_item": ["1000.0", "count"], "peak_flops": ["1e12"],
-    "new_global_batch": ["true"],
+    "new_global_batch": ["true"], "metrics": ['{"n": builtins.len}'],
 }
-# only from Python: objects with methods (the CLI has no form for them); metrics: issue 25 (functions by path)
-NOT_ON_THE_COMMAND_LINE = {"callbacks", "metrics"}
+# only from Python: objects with methods (the CLI has no form for them)
+NOT_ON_THE_COMMAND_LINE = {"callbacks"}
 
 
 def printed(*args: str) -> str:
