@@ -50,33 +50,17 @@ BATCH, LR, MAX_NORM = 64, 1e-3, 1.0
 SKIP = 10  # with workers, items/s are measured from this step's forward on
 
 
-class EagerSeededItems(Dataset):
-    """cadence's per-item seeding before issue 22: all three generators seeded before every item."""
+class EagerSeededItems(seeding.SeededItems):
+    """cadence's per-item seeding before issue 22: all three generators seeded before every item, and (in the main
+    process) all three saved and put back around every micro-batch."""
 
-    def __init__(self, data: Any, seed: int, per_item: bool) -> None:
-        self.data, self.seed, self.per_item = data, seed, per_item
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.data[index]
-
-    def __getitems__(self, key: tuple[int, int, Sequence[int]]) -> list[Any]:
-        epoch, micro_batch, indices = key
-        in_worker = get_worker_info() is not None
-        if not self.per_item:
-            if in_worker:
-                seeding.seed_generators(seeding.batch_seed(self.seed, epoch, micro_batch))
-            return [self.data[i] for i in indices]
-        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
+    def _read(self, epoch: int, indices: Sequence[int], put_back: bool) -> list[Any]:
+        saved = (random.getstate(), np.random.get_state(), torch.default_generator.get_state()) if put_back else None
         items = []
         for i in indices:
             seeding.seed_generators(seeding.item_seed(self.seed, epoch, i))
             items.append(self.data[i])
-        if in_worker:
-            seeding.seed_generators(seeding.batch_seed(self.seed, epoch, micro_batch))
-        else:
+        if saved is not None:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.default_generator.set_state(saved[2])
@@ -125,11 +109,11 @@ def part_items(args: argparse.Namespace) -> None:
             for name in rotated(list(cases), r):
                 worker = name.endswith("in a worker")
                 if worker:  # as in a worker: the generators are not put back, collate's draws are seeded
-                    seeding.get_worker_info = globals()["get_worker_info"] = lambda: object()
+                    seeding.get_worker_info = lambda: object()
                 try:
                     rows.setdefault(name, []).append(per_item_us(cases[name], args.items, args.batch))
                 finally:
-                    seeding.get_worker_info = globals()["get_worker_info"] = get_worker_info
+                    seeding.get_worker_info = get_worker_info
     print(f"{args.items} items of 32 floats, micro-batches of {args.batch}, median of {args.repeats} (min-max):")
     print()
     print("| read | us per item | over plain, per item | over plain, per micro-batch |")
