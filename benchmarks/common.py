@@ -23,8 +23,23 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 SEED = 0
+
+
+class ItemDataset(Dataset):
+    """A plain map-style dataset: item by item, as ``TensorDataset`` does, but not one (so cadence takes no fast
+    path and every loop reads and collates item by item)."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)  # the same body as TensorDataset.__getitem__
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
 
 
 class MLP(nn.Module):

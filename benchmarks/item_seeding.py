@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import MLP, make_data, median, rotated, spread
+from common import MLP, ItemDataset, make_data, median, rotated, spread
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, RandomSampler, get_worker_info
 
 import cadence.data.loading
 from cadence import Trainer
@@ -67,24 +67,12 @@ class EagerSeededItems(seeding.SeededItems):
         return items
 
 
-class Items(Dataset):
-    """A plain map-style dataset (not a ``TensorDataset``, so cadence takes its ``DataLoader`` path)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i]
-
-
-class Noisy(Items):
+class Noisy(ItemDataset):
     """An augmenting dataset: torch noise on every item."""
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[i] + 0.01 * torch.randn(self.x.shape[1:]), self.y[i]
+        x, y = self.tensors
+        return x[i] + 0.01 * torch.randn(x.shape[1:]), y[i]
 
 
 # ------------------------------------------------------------------------------------------------ part 1
@@ -98,7 +86,7 @@ def per_item_us(read: Callable[[Any], Any], n: int, batch: int) -> float:
 def part_items(args: argparse.Namespace) -> None:
     x, y = make_data("mlp", args.items)
     rows: dict[str, list[float]] = {}
-    for data in (Items(x, y), Noisy(x, y)):
+    for data in (ItemDataset(x, y), Noisy(x, y)):
         kind = type(data).__name__
         plain = lambda key, data=data: [data[i] for i in key[2]]  # noqa: E731
         cases = {f"{kind}: plain __getitem__": plain}
@@ -149,17 +137,18 @@ class Wide(nn.Module):
         return F.cross_entropy(self.net(x), y)
 
 
-def make_case(name: str) -> tuple[nn.Module, Items]:
+def make_case(name: str) -> tuple[nn.Module, ItemDataset]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "mlp":
-        return MLP(), Items(*make_data("mlp", 8192))
+        return MLP(), ItemDataset(*make_data("mlp", 8192))
     if name == "conv":
-        return Conv(), Items(torch.randn(4096, 1, 28, 28, generator=g), torch.randint(0, 10, (4096,), generator=g))
-    return Wide(), Items(torch.randn(2048, 4096, generator=g), torch.randint(0, 10, (2048,), generator=g))
+        x = torch.randn(4096, 1, 28, 28, generator=g)
+        return Conv(), ItemDataset(x, torch.randint(0, 10, (4096,), generator=g))
+    return Wide(), ItemDataset(torch.randn(2048, 4096, generator=g), torch.randint(0, 10, (2048,), generator=g))
 
 
-def hand_loop(model: nn.Module, data: Items, steps: int, workers: int) -> Callable[[], float]:
+def hand_loop(model: nn.Module, data: ItemDataset, steps: int, workers: int) -> Callable[[], float]:
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     perm_gen = torch.Generator()
@@ -186,11 +175,11 @@ def hand_loop(model: nn.Module, data: Items, steps: int, workers: int) -> Callab
     return run
 
 
-Loop = Callable[[nn.Module, Items, int, int], Callable[[], None]]
+Loop = Callable[[nn.Module, ItemDataset, int, int], Callable[[], None]]
 
 
 def cadence_loop(wrapper: type, item_seeding: bool = True) -> Loop:
-    def build(model: nn.Module, data: Items, steps: int, workers: int) -> Callable[[], None]:
+    def build(model: nn.Module, data: ItemDataset, steps: int, workers: int) -> Callable[[], None]:
         def run() -> None:
             cadence.data.loading.SeededItems = wrapper  # the wrapper the data path is built with
             try:

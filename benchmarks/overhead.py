@@ -47,9 +47,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import MLP, callgrind, clock, cpu_name, epoch_perm, make_data, rotated, since
+from common import MLP, ItemDataset, callgrind, clock, cpu_name, epoch_perm, make_data, rotated, since
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from cadence import Trainer
 
@@ -58,19 +58,6 @@ BATCH, LR, MAX_NORM, LOG_EVERY = 64, 1e-3, 1.0, 500
 
 GOAL_LOADER = 1.03  # (c) / (a) must be at most this
 GOAL_IN_MEMORY = 0.7  # (d) / (a) must be below this
-
-
-class ItemDataset(Dataset):
-    """A plain map-style dataset: item by item, as ``TensorDataset`` does, but not one (so no fast path)."""
-
-    def __init__(self, *tensors: torch.Tensor) -> None:
-        self.tensors = tensors
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[index] for t in self.tensors)  # the same body as TensorDataset.__getitem__
-
-    def __len__(self) -> int:
-        return len(self.tensors[0])
 
 
 # ------------------------------------------------------------------------------------------------ cases

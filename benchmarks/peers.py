@@ -93,7 +93,7 @@ from typing import Any
 
 import common
 import torch
-from common import callgrind, clock, cpu_name, epoch_perm, rotated, since, timed_import
+from common import ItemDataset, callgrind, clock, cpu_name, epoch_perm, rotated, since, timed_import
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -241,20 +241,6 @@ class TensorBatches(Dataset):
 
     def __getitems__(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(t[index] for t in self.tensors)
-
-
-class ItemDataset(Dataset):
-    """A plain map-style dataset: an item per ``__getitem__`` (the same body as ``TensorDataset``'s), so every
-    loop reads and collates item by item."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i]
 
 
 def as_is(batch: Any) -> Any:
