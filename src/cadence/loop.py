@@ -152,9 +152,9 @@ def start(t: Trainer) -> None:
         t._resumed = True
         if killpoints.ACTIVE:
             killpoints.reached("resume.loaded", t.step)
-        if t.is_main and t.checkpoints is not None:  # a kill between a commit and its pruning left the old ones
-            t.checkpoints.prune()
         if t.is_main:
+            if t.checkpoints is not None:  # a kill between a commit and its pruning left the old ones
+                t.checkpoints.prune()
             notice(f"resumed at step {t.step} from {folder}")
     elif t.step == 0 and t.seed_at_fit:
         seed_everything(t.seed)
