@@ -143,7 +143,7 @@ def start(t: Trainer) -> None:
     """Resume or seed, open the loggers, start the clocks."""
     folder = None
     if t.resume is not None and not t._resumed:
-        folder = find_resume(t.resume, t.checkpoints)
+        folder = find_resume(t.resume, t.checkpoints, keep=t.world_size == 1)
         check_resume(folder, t.resume, t.run_dir, t.max_steps, t.step, t.is_main)
         if killpoints.ACTIVE:
             killpoints.reached("resume.found", t.step)

@@ -216,17 +216,16 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(folder: str | Path) -> dict[str, Any]:
+def verify(folder: str | Path, keep: bool = True) -> dict[str, Any]:
     """The manifest of ``folder`` after checking every file's size and checksum; raises ``CheckpointError``.
 
-    The files read are kept for the loads that follow (a checkpoint written by one process and read by one, up to
-    ``KEEP_BYTES``): what is loaded is exactly what was checked, read once."""
+    With ``keep`` (a process alone will load it) the files read are kept for the loads that follow (a checkpoint
+    written by one process, up to ``KEEP_BYTES``): what is loaded is exactly what was checked, read once. Ranks
+    read only their own files (or, at another world size, their slices), so they keep none."""
     folder = Path(folder)
     _verified.clear()
     manifest = _read_manifest(folder)
-    # ranks read only their own files (or, at another world size, their slices): only a process alone keeps any
-    alone = manifest.get("world_size", 1) == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
-    budget = KEEP_BYTES if alone else 0
+    budget = KEEP_BYTES if keep and manifest.get("world_size", 1) == 1 else 0
     kept = {}
     try:
         for name, entry in manifest["files"].items():

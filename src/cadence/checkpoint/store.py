@@ -52,11 +52,11 @@ class Checkpoints:
             if NAME.match(name) and not (self.root / name).exists():
                 os.replace(old, self.root / name)
 
-    def latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+    def latest(self, keep: bool = True) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that verifies (``keep``: see ``verify``); broken ones are skipped with a warning."""
         for folder in reversed(self.folders()):
             try:
-                return folder, verify(folder)
+                return folder, verify(folder, keep)
             except CheckpointError as err:
                 warnings.warn(f"skipping checkpoint {err}; using the previous one", stacklevel=2)
         return None
@@ -163,21 +163,22 @@ def written_by_cadence(folder: Path) -> bool:
         return False
 
 
-def find_resume(resume: str | Path, checkpoints: Checkpoints | None) -> Path | None:
+def find_resume(resume: str | Path, checkpoints: Checkpoints | None, keep: bool = True) -> Path | None:
     """The checkpoint folder that ``resume`` names: ``"auto"`` is the newest valid one of this run (or none,
-    to start fresh); a path is a checkpoint folder or a run folder (then its newest valid checkpoint)."""
+    to start fresh); a path is a checkpoint folder or a run folder (then its newest valid checkpoint). ``keep``:
+    the process loads it alone, so what is verified is kept for the load (``verify``)."""
     from ..errors import bad
 
     if str(resume) == "auto":
         if checkpoints is None:
             raise bad("resume", "auto", "resuming needs the run folder; pass run_dir=... too.")
-        found = checkpoints.latest()
+        found = checkpoints.latest(keep)
         return found[0] if found else None
     path = Path(resume)
     if (path / "manifest.json").exists():
-        verify(path)
+        verify(path, keep)
         return path
-    found = Checkpoints(path / "checkpoints").latest()
+    found = Checkpoints(path / "checkpoints").latest(keep)
     if found is None:
         raise bad("resume", str(path), "it holds no valid checkpoint; give a run folder with checkpoints/ or a "
                   "checkpoint folder (RUN/checkpoints/step-NNNNNNNNN), or resume='auto'.")
