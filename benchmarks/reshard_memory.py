@@ -73,7 +73,7 @@ def load(args: argparse.Namespace) -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the RSS now
-    restore(t, find_resume(t.resume, t.checkpoints))  # verified (every file's checksum), then loaded
+    restore(t, find_resume(t.resume, t.checkpoints, keep=t.world_size == 1))  # verified, then loaded
     state = sum(local(v).numel() * v.element_size() for s in t.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor))
     rank = int(os.environ.get("RANK", 0))
